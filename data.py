@@ -1,0 +1,203 @@
+"""CIFAR-10 as uint8 tensors on the training device, with batched augmentation.
+
+The whole set is 180 MB, so it lives on the device as one N x 3 x 32 x 32 uint8 tensor and is
+augmented a batch at a time there; there is no per-sample PIL pipeline and no DataLoader.
+Each augmentation is a plain function that takes a torch.Generator, so runs are reproducible.
+"""
+import codecs
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.49139968, 0.48215841, 0.44653091)
+STD = (0.24703223, 0.24348513, 0.26158784)
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+SPLIT_SIZE = {"train": 50000, "test": 10000}
+
+
+class DataError(Exception):
+    """The data is missing or malformed; the message says which file and what to do."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what the official batch files contain: numpy arrays and plain builtins.
+
+    A plain pickle.load runs whatever callable a file names, so a planted data_batch_1 could
+    execute code. Here any global other than numpy's array reconstruction (and _codecs.encode,
+    which Python 3 writes for bytes in protocol-2 pickles of arrays) is refused.
+    """
+
+    def find_class(self, module, name):
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+
+
+def _unpickle(path):
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; the CIFAR-10 folder is incomplete, download it again.")
+    try:
+        with open(path, "rb") as f:
+            obj = RestrictedUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path} cannot be loaded safely ({e}); replace it with an official copy.") from None
+    except Exception as e:
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                        f"delete the folder and download it again.") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} does not hold a CIFAR-10 batch dict ({name}).")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_batch(path):
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise DataError(f"{path}: 'data' should be a uint8 array of shape (N, 3072), got {shape}.")
+    if not isinstance(labels, list) or len(labels) != data.shape[0]:
+        raise DataError(f"{path}: expected {data.shape[0]} labels, one per image.")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9.")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def download_cifar10(root, url=URL, md5=MD5):
+    """Download and extract the official archive into root; the md5 of the archive is checked."""
+    from torchvision.datasets.utils import download_and_extract_archive
+    try:
+        download_and_extract_archive(url, download_root=root, md5=md5)
+    except Exception as e:
+        raise DataError(f"could not download CIFAR-10 from {url} ({type(e).__name__}: {e}). "
+                        f"Put the extracted '{FOLDER}' folder under {os.path.abspath(root)} "
+                        f"and run again.") from None
+
+
+def load_cifar10(root, split="train", download=False, expect_full=True):
+    """Return (images uint8 N x 3 x 32 x 32, labels int64 N, class names) for 'train' or 'test'.
+
+    Files are validated (shapes, label range, class names, and with expect_full the 50,000/10,000
+    image counts) but not checksummed: re-encoded copies of CIFAR-10 are legitimate.
+    """
+    if split not in SPLIT_SIZE:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    folder = os.path.join(root, FOLDER)
+    if not os.path.isdir(folder):
+        if not download:
+            raise DataError(f"CIFAR-10 not found: expected the folder {os.path.abspath(folder)}. "
+                            f"Allow the download, or put the extracted '{FOLDER}' folder under "
+                            f"{os.path.abspath(root)}.")
+        download_cifar10(root)
+    meta_path = os.path.join(folder, "batches.meta")
+    names = _unpickle(meta_path).get("label_names")
+    names = tuple(n.decode("latin1") if isinstance(n, bytes) else n for n in names or ())
+    if names != CLASSES:
+        raise DataError(f"{meta_path}: class names {names} are not CIFAR-10's {CLASSES}.")
+    files = TRAIN_FILES if split == "train" else (TEST_FILE,)
+    parts = [_read_batch(os.path.join(folder, f)) for f in files]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    if expect_full and len(images) != SPLIT_SIZE[split]:
+        raise DataError(f"{folder}: the {split} split has {len(images):,} images, expected "
+                        f"{SPLIT_SIZE[split]:,}; a batch file is incomplete, download it again.")
+    return torch.from_numpy(images), torch.from_numpy(labels), CLASSES
+
+
+def normalize(images, mean=MEAN, std=STD):
+    """uint8 images in 0..255 to float, per channel (x/255 - mean) / std."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def denormalize(images, mean=MEAN, std=STD):
+    """Undo normalize for display: float images in 0..1."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def _randint(high, n, generator, device):
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)
+
+
+def random_crop(images, padding=4, generator=None):
+    """RandomCrop(size, padding) for a batch: zero-pad, then an independent window per image."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = _randint(2 * padding + 1, n, generator, images.device)
+    dx = _randint(2 * padding + 1, n, generator, images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def flip(images, generator=None):
+    """Horizontal flip of a random half of the batch."""
+    mask = _randint(2, images.shape[0], generator, images.device).bool()
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def cutout(images, size=16, fill=0.0, generator=None):
+    """Cutout (DeVries & Taylor 2017): one size x size hole per image, centre uniform over the
+    image, clipped at the borders. Apply after normalize so fill=0 is the data mean."""
+    n, _, h, w = images.shape
+    cy = _randint(h, n, generator, images.device)[:, None]
+    cx = _randint(w, n, generator, images.device)[:, None]
+    ys = torch.arange(h, device=images.device)[None]
+    xs = torch.arange(w, device=images.device)[None]
+    in_y = (ys >= cy - size // 2) & (ys < cy + size - size // 2)
+    in_x = (xs >= cx - size // 2) & (xs < cx + size - size // 2)
+    hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]
+    return images.masked_fill(hole, fill)
+
+
+def train_transform(images, generator=None, use_flip=True):
+    """The training augmentation: RandomCrop(32, padding=4), optional flip, normalize, Cutout 16x16."""
+    images = random_crop(images, 4, generator)
+    if use_flip:
+        images = flip(images, generator)
+    return cutout(normalize(images), 16, 0.0, generator)
+
+
+def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1):
+    """Index tensors of each batch. With world_size > 1, every global batch of batch_size is split
+    into world_size equal, disjoint parts of the same permutation and this rank gets its part."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        batch = order[start:min(start + batch_size, stop)]
+        yield batch.tensor_split(world_size)[rank] if world_size > 1 else batch
+
+
+def batches(images, labels, batch_size, shuffle=False, generator=None, drop_last=False,
+            rank=0, world_size=1):
+    """(images, labels) batches from device tensors: shuffled for training, in order for test."""
+    for idx in batch_indices(len(images), batch_size, shuffle, generator, drop_last, rank, world_size):
+        idx = idx.to(images.device)
+        yield images[idx], labels[idx]

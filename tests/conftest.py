@@ -1,0 +1,38 @@
+"""Shared fixtures: CIFAR-10 rebuilt from ../shared/cifar10 into temp folders, once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "cifar10"
+sys.path.insert(0, str(REPO))
+
+
+def _build(root, *limits):
+    script = SHARED / "build_batches.py"
+    if not script.is_file():
+        pytest.skip(f"needs {SHARED} (the JPEG copy of CIFAR-10 and build_batches.py)")
+    subprocess.run([sys.executable, str(script), str(root), *limits], check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """500 train / 100 test images in the official layout (not a full set)."""
+    return _build(tmp_path_factory.mktemp("small"), "--limit-train", "500", "--limit-test", "100")
+
+
+@pytest.fixture(scope="session")
+def cifar(tmp_path_factory):
+    """The full set in the official layout (about 5 s to build); tests use --limit-* on it."""
+    return _build(tmp_path_factory.mktemp("full"))
+
+
+def run_script(*args, timeout=600, **kw):
+    """Run one of the top-level scripts in a fresh interpreter, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)

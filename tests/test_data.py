@@ -1,0 +1,195 @@
+import functools
+import hashlib
+import http.server
+import os
+import pickle
+import shutil
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_load_small_official_layout(small_cifar):
+    x, y, classes = data.load_cifar10(small_cifar, "train", expect_full=False)
+    assert x.shape == (500, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.shape == (500,) and y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    assert classes == data.CLASSES
+    xt, yt, _ = data.load_cifar10(small_cifar, "test", expect_full=False)
+    assert xt.shape == (100, 3, 32, 32)
+    # Independent check against the raw pickle: row-major 3072 bytes = R plane, G plane, B plane.
+    with open(small_cifar / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    assert torch.equal(xt[3, 1], torch.from_numpy(raw[b"data"][3, 1024:2048].reshape(32, 32)))
+    assert yt.tolist() == raw[b"labels"]
+
+
+def test_full_count_is_checked(small_cifar):
+    with pytest.raises(data.DataError, match="expected 50,000"):
+        data.load_cifar10(small_cifar, "train")
+
+
+def test_missing_folder_says_where_to_put_data(tmp_path):
+    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
+        data.load_cifar10(tmp_path, "train")
+
+
+def _copy(src, dst):
+    shutil.copytree(src / "cifar-10-batches-py", dst / "cifar-10-batches-py")
+    return dst / "cifar-10-batches-py"
+
+
+def test_truncated_batch_names_the_file(small_cifar, tmp_path):
+    folder = _copy(small_cifar, tmp_path)
+    path = folder / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(data.DataError, match="data_batch_3"):
+        data.load_cifar10(tmp_path, "train", expect_full=False)
+
+
+def test_missing_batch_names_the_file(small_cifar, tmp_path):
+    folder = _copy(small_cifar, tmp_path)
+    (folder / "data_batch_5").unlink()
+    with pytest.raises(data.DataError, match="data_batch_5 is missing"):
+        data.load_cifar10(tmp_path, "train", expect_full=False)
+
+
+def test_wrong_shape_names_the_file(small_cifar, tmp_path):
+    folder = _copy(small_cifar, tmp_path)
+    bad = {b"data": np.zeros((10, 1024), np.uint8), b"labels": [0] * 10}
+    (folder / "test_batch").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(data.DataError, match=r"test_batch.*\(N, 3072\)"):
+        data.load_cifar10(tmp_path, "test", expect_full=False)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_batch_is_refused_and_never_runs(small_cifar, tmp_path, monkeypatch):
+    folder = _copy(small_cifar, tmp_path)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match="cannot be loaded safely.*posix.system|os.system"):
+        data.load_cifar10(tmp_path, "train", expect_full=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def archive_server(small_cifar, tmp_path):
+    """A local HTTP server holding a CIFAR-10-style tar.gz: the download path without internet."""
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(small_cifar / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
+    server.handle_error = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/{archive.name}", hashlib.md5(archive.read_bytes()).hexdigest()
+    server.shutdown()
+
+
+def test_download_verifies_md5_and_extracts(archive_server, tmp_path, monkeypatch):
+    url, md5 = archive_server
+    monkeypatch.setattr(data, "URL", url)
+    monkeypatch.setattr(data, "MD5", md5)
+    monkeypatch.setattr(data.download_cifar10, "__defaults__", (url, md5))
+    x, _, _ = data.load_cifar10(tmp_path / "root", "test", download=True, expect_full=False)
+    assert x.shape == (100, 3, 32, 32)
+    with pytest.raises(data.DataError, match="could not download"):
+        data.download_cifar10(tmp_path / "other", url, "0" * 32)
+
+
+def test_download_without_network_is_one_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="Put the extracted 'cifar-10-batches-py' folder"):
+        data.download_cifar10(tmp_path, "http://127.0.0.1:9/cifar-10-python.tar.gz")
+
+
+def test_normalize_roundtrip_and_mean():
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    z = data.normalize(x)
+    assert torch.allclose(data.denormalize(z), x.float() / 255, atol=1e-6)
+    mean_pixel = torch.tensor(data.MEAN).view(1, 3, 1, 1) * 255
+    assert torch.allclose(data.normalize(mean_pixel), torch.zeros(1, 3, 1, 1), atol=1e-6)
+
+
+def test_random_crop_is_a_window_of_the_padded_input():
+    x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data.random_crop(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    offsets = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert len(hits) == 1
+        offsets.add(hits[0])
+    assert len(offsets) > 20  # independent offsets per image, not one per batch
+
+
+def test_cutout_hole_size_and_fill():
+    x = data.normalize(torch.randint(1, 256, (256, 3, 32, 32), dtype=torch.uint8))
+    x = torch.where(x == 0, torch.ones_like(x), x)
+    out = data.cutout(x, 16, 0.0, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    zeros = (out == 0).all(1)
+    counts = zeros.sum((1, 2))
+    assert counts.max() <= 256 and counts.min() >= 64
+    assert (counts == 256).any() and (counts < 256).any()  # inside and clipped at a border
+    for i in range(len(x)):  # each hole is one axis-aligned rectangle at most 16x16
+        ys, xs = zeros[i].nonzero(as_tuple=True)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert h <= 16 and w <= 16 and h * w == counts[i]
+    kept = ~zeros[:, None].expand_as(x)
+    assert torch.equal(out[kept], x[kept])
+
+
+def test_flip_flips_about_half():
+    x = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    out = data.flip(x, torch.Generator().manual_seed(1))
+    flipped = torch.tensor([torch.equal(out[i], x[i].flip(-1)) for i in range(200)])
+    same = torch.tensor([torch.equal(out[i], x[i]) for i in range(200)])
+    assert (flipped | same).all() and 60 < flipped.sum() < 140
+
+
+def test_same_seed_same_batch_and_different_seed_differs():
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    a = data.train_transform(x, torch.Generator().manual_seed(5))
+    b = data.train_transform(x, torch.Generator().manual_seed(5))
+    c = data.train_transform(x, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_batches_train_shuffles_test_keeps_order_and_tail():
+    x = torch.arange(10).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
+    y = torch.arange(10)
+    test = list(data.batches(x, y, 4))
+    assert [len(b[1]) for b in test] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[1] for b in test]), y)
+    g = torch.Generator().manual_seed(0)
+    train = list(data.batches(x, y, 4, shuffle=True, generator=g, drop_last=True))
+    seen = torch.cat([b[1] for b in train])
+    assert len(train) == 2 and len(set(seen.tolist())) == 8 and not torch.equal(seen, y[:8])
+    assert all(torch.equal(bx[:, 0, 0, 0], by) for bx, by in train)
+
+
+def test_rank_shards_are_disjoint_and_cover_each_batch():
+    g = lambda: torch.Generator().manual_seed(3)
+    full = list(data.batch_indices(40, 8, True, g(), True))
+    r0 = list(data.batch_indices(40, 8, True, g(), True, rank=0, world_size=2))
+    r1 = list(data.batch_indices(40, 8, True, g(), True, rank=1, world_size=2))
+    for whole, a, b in zip(full, r0, r1):
+        assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
+        assert sorted(whole.tolist()) == sorted(a.tolist() + b.tolist())
