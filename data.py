@@ -185,19 +185,24 @@ def train_transform(images, generator=None, use_flip=True):
     return cutout(normalize(images), 16, 0.0, generator)
 
 
-def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1):
-    """Index tensors of each batch. With world_size > 1, every global batch of batch_size is split
-    into world_size equal, disjoint parts of the same permutation and this rank gets its part."""
+def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1,
+                  start=0, device=None):
+    """Index tensors of each batch, from batch number `start` on (to resume mid-epoch).
+
+    With world_size > 1, every global batch of batch_size is split into world_size disjoint parts
+    of the same permutation (same generator seed on every rank) and this rank gets its part.
+    """
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(device) if device is not None else order
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        batch = order[start:min(start + batch_size, stop)]
+    for first in range(start * batch_size, stop, batch_size):
+        batch = order[first:min(first + batch_size, stop)]
         yield batch.tensor_split(world_size)[rank] if world_size > 1 else batch
 
 
 def batches(images, labels, batch_size, shuffle=False, generator=None, drop_last=False,
             rank=0, world_size=1):
     """(images, labels) batches from device tensors: shuffled for training, in order for test."""
-    for idx in batch_indices(len(images), batch_size, shuffle, generator, drop_last, rank, world_size):
-        idx = idx.to(images.device)
+    for idx in batch_indices(len(images), batch_size, shuffle, generator, drop_last, rank, world_size,
+                             device=images.device):
         yield images[idx], labels[idx]

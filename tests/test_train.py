@@ -1,0 +1,205 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import REPO, run_script
+
+TINY = ["--limit-train", "512", "--limit-test", "100", "--batch-size", "128", "--max-lr", "0.05"]
+
+
+def tiny_fit(cifar, out, **kw):
+    args = dict(data_dir=str(cifar), out=str(out), limit_train=512, limit_test=100, batch_size=128, max_lr=0.05)
+    args.update(kw)
+    return train.fit(**args)
+
+
+def test_help_lists_every_option():
+    res = run_script("train.py", "--help")
+    assert res.returncode == 0
+    for flag in ["--epochs", "--batch-size", "--data-dir", "--out", "--optimizer", "--max-lr", "--wd",
+                 "--label-smoothing", "--no-flip", "--seed", "--device", "--amp", "--no-amp", "--compile",
+                 "--resume", "--download", "--no-download", "--limit-train", "--limit-test", "--tensorboard",
+                 "--overwrite", "--sync-bn"]:
+        assert flag in res.stdout, flag
+
+
+def test_amp_selects_the_autocast_dtype(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.amp_dtype(cpu, amp=False) is None and train.amp_dtype(cuda, amp=False) is None
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: True)
+    assert train.amp_dtype(cpu) is torch.bfloat16
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    assert train.amp_dtype(cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.amp_dtype(cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.amp_dtype(cuda) is torch.float16
+    assert train.amp_dtype(torch.device("mps")) is None
+
+
+def test_fit_learns_and_writes_outputs(cifar, tmp_path):
+    out = tmp_path / "run"
+    history = tiny_fit(cifar, out, epochs=3, max_lr=0.02)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["test_acc"] for e in metrics["epochs"]] == [h["test_acc"] for h in history]
+    assert set(metrics["per_class_test_acc"]) == set(data.CLASSES)
+    assert metrics["max_lr"] == 0.02 and metrics["best_test_acc"] == max(h["test_acc"] for h in history)
+    for e in metrics["epochs"]:
+        assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"} <= set(e)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_checkpoint_round_trip(cifar, tmp_path):
+    out = tmp_path / "run"
+    history = tiny_fit(cifar, out, epochs=1)
+    ckpt = train.load_checkpoint(str(out / "best.pt"))
+    assert ckpt["classes"] == list(data.CLASSES) and ckpt["mean"] == list(data.MEAN)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 128 and ckpt["history"] == history
+    assert {"optimizer", "scheduler", "scaler", "aug_generator"} <= set(ckpt)
+    model, classes = train.model_from_checkpoint(ckpt)
+    test_x, test_y, _ = data.load_cifar10(cifar, "test")
+    result = train.evaluate(model, test_x[:100], test_y[:100], 50, train.amp_dtype(torch.device("cpu")))
+    assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
+
+
+def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
+    common = ["train.py", "--data-dir", cifar, "--epochs", "2", *TINY]
+    full = run_script(*common, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+
+    def interrupted(out, wait_for, sig):
+        proc = subprocess.Popen([sys.executable, *map(str, common), "--out", str(out)], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if wait_for in line:
+                proc.send_signal(sig)
+                break
+        rest = proc.communicate(timeout=300)[0]
+        return proc.returncode, "".join(lines) + rest
+
+    code, log = interrupted(tmp_path / "int", "Epoch 1/2  step 2/4", signal.SIGINT)
+    assert code == 130, log
+    resume_line = [l for l in log.splitlines() if l.startswith("Resume with:")]
+    assert resume_line == [f"Resume with: python train.py --resume {tmp_path / 'int' / 'last.pt'}"]
+    saved = train.load_checkpoint(str(tmp_path / "int" / "last.pt"))
+    assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
+
+    code, log = interrupted(tmp_path / "kill", "Epoch 2/2  step 1/4", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert train.load_checkpoint(str(tmp_path / "kill" / "last.pt"))["epoch"] == 1
+    train.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
+
+    reference = train.load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    for name in ["int", "kill"]:
+        res = run_script("train.py", "--data-dir", cifar, "--resume", tmp_path / name / "last.pt")
+        assert res.returncode == 0, res.stderr
+        resumed = train.load_checkpoint(str(tmp_path / name / "last.pt"))
+        assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
+        for key, value in reference["model"].items():
+            assert torch.equal(value, resumed["model"][key]), (name, key)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert [e["test_acc"] for e in metrics["epochs"]] == [h["test_acc"] for h in reference["history"]]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(cifar, tmp_path):
+    res = run_script("train.py", "--data-dir", cifar, "--epochs", "1", "--out", tmp_path / "nan",
+                     *TINY[:-2], "--max-lr", "1e12", "--no-amp")
+    assert res.returncode == 1
+    assert "non-finite at epoch 1, step" in res.stderr and "--max-lr" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "tpu"], "device"),
+    (["--limit-train", "60000"], "larger than the training set"),
+    (["--limit-train", "100", "--batch-size", "128"], "larger than the 100 training images"),
+    (["--max-lr", "fast"], "--max-lr"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    res = run_script("train.py", *args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_an_argument_error():
+    res = run_script("train.py", "--device", "cuda")
+    assert res.returncode == 2 and "no CUDA GPU" in res.stderr
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"precious")
+    res = run_script("train.py", "--out", tmp_path / "run")
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"precious"
+
+
+def test_unwritable_output_is_refused_before_training(cifar, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(train.UserError, match="cannot write"):
+        tiny_fit(cifar, tmp_path / "file" / "run", epochs=1)
+
+
+def test_missing_data_without_download_is_one_clear_error(tmp_path):
+    res = run_script("train.py", "--data-dir", tmp_path, "--no-download", "--out", tmp_path / "run")
+    assert res.returncode == 1 and "CIFAR-10 not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tensorboard_missing_is_a_clear_error(cifar, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(train.UserError, match="pip install tensorboard"):
+        tiny_fit(cifar, tmp_path / "run", epochs=1, tensorboard=str(tmp_path / "tb"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(train.UserError, match="refused"):
+        train.load_checkpoint(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_checkpoint_and_other_architecture(tmp_path):
+    from resnet import ResNet18
+    good = {"model": ResNet18().state_dict(), "classes": list(data.CLASSES)}
+    torch.save(good, tmp_path / "good.pt")
+    blob = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(train.UserError, match="truncated or corrupt"):
+        train.load_checkpoint(str(tmp_path / "cut.pt"))
+    other = {"model": ResNet18(num_classes=100).state_dict(), "classes": list(data.CLASSES)}
+    with pytest.raises(train.UserError, match="does not fit a CIFAR ResNet18 with 10 classes"):
+        train.model_from_checkpoint(other)
+    with pytest.raises(train.UserError, match="does not exist"):
+        train.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
+    out = tmp_path / "auto"
+    tiny_fit(cifar, out, epochs=1, max_lr="auto", lr_range_steps=12, limit_train=256, batch_size=32)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_lr"] == metrics["lr_range"]["suggested_lr"] > 0
+    assert len(metrics["lr_range"]["lrs"]) <= 12
+    assert (out / "lr_range.png").is_file()
+    assert train.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
