@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -250,9 +251,12 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a plain checkpoint and was refused ({reason[:160]}); "
-                        f"only load checkpoints written by train.py") from None
+        unsafe = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise UserError(f"{path} asks to run {unsafe.group(1)} when loaded and was refused; "
+                            f"only load checkpoints written by train.py") from None
+        raise UserError(f"{path} is truncated or corrupt (not a PyTorch checkpoint); use another "
+                        f"checkpoint (best.pt or last.pt) or train again") from None
     except Exception as e:
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); use another checkpoint "
                         f"(best.pt or last.pt) or train again") from None

@@ -1,0 +1,168 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import gradcam
+from conftest import run_script
+from gradcam import GradCAM, cam_from
+from resnet import ResNet18
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = ResNet18()
+    net.train()  # populate BN running stats so eval mode is not degenerate
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 32, 32))
+    return net.eval()
+
+
+def reference_cam(model, x, classes, layer):
+    """Grad-CAM from the paper's formula, with torch.autograd.grad and no hooks."""
+    out = F.relu(model.bn1(model.conv1(x)))
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    target = None
+    for name, stage in zip(["layer1", "layer2", "layer3", "layer4"], stages):
+        out = stage(out)
+        if name == layer:
+            target = out
+    logits = model.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+    score = logits[torch.arange(len(x)), classes].sum()
+    (grad,) = torch.autograd.grad(score, target)
+    alpha = grad.mean(dim=(2, 3))
+    maps = torch.relu(torch.einsum("nk,nkhw->nhw", alpha, target.detach()))
+    maps = F.interpolate(maps[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    result = torch.zeros_like(maps)
+    for i, m in enumerate(maps):
+        if m.max() > m.min():
+            result[i] = (m - m.min()) / (m.max() - m.min())
+    return result, logits.detach()
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])
+@pytest.mark.parametrize("which", ["predicted", "true"])
+def test_matches_independent_autograd_computation(model, layer, which):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    classes = predicted if which == "predicted" else labels
+    expected, expected_logits = reference_cam(model, x, classes, layer)
+    with GradCAM(model, layer) as cam:
+        maps, logits = cam(x, None if which == "predicted" else labels)
+    assert maps.shape == (6, 32, 32)
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
+    assert torch.allclose(maps, expected, atol=1e-4)
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+def test_hooks_removed_and_model_unchanged(model):
+    model.train()
+    model.linear.weight.grad = torch.ones_like(model.linear.weight)
+    model.conv1.weight.requires_grad_(False)
+    try:
+        with GradCAM(model, "layer3") as cam:
+            assert len(model.layer3._forward_hooks) == 1
+            cam(torch.randn(2, 3, 32, 32))
+        assert len(model.layer3._forward_hooks) == 0 and cam.activations is None and cam.gradients is None
+        assert model.training
+        assert torch.equal(model.linear.weight.grad, torch.ones_like(model.linear.weight))
+        assert model.layer1[0].conv1.weight.grad is None
+        assert not model.conv1.weight.requires_grad and model.bn1.weight.requires_grad
+    finally:
+        model.conv1.weight.requires_grad_(True)
+        model.linear.weight.grad = None
+        model.eval()
+
+
+def test_batch_equals_one_by_one(model):
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 32, 32)
+    classes = torch.tensor([0, 3, 3, 9, 5])
+    with GradCAM(model, model.layer3) as cam:
+        batch, _ = cam(x, classes)
+        single = torch.cat([cam(x[i:i + 1], classes[i:i + 1])[0] for i in range(5)])
+    assert torch.allclose(batch, single, atol=1e-5)
+
+
+def test_zero_map_stays_zero():
+    acts = torch.zeros(2, 4, 8, 8)
+    acts[1, 0, 2, 3] = 1.0
+    maps = cam_from(acts, torch.ones(2, 4, 8, 8), (32, 32))
+    assert torch.equal(maps[0], torch.zeros(32, 32)) and maps[1].max() == 1 and torch.isfinite(maps).all()
+
+
+def test_unknown_layer_is_a_clear_error(model):
+    with pytest.raises(Exception, match="unknown layer 'layer9'.*layer3"):
+        GradCAM(model, "layer9")
+
+
+def _save_random_checkpoint(path):
+    torch.manual_seed(0)
+    torch.save({"model": ResNet18().state_dict(), "classes": list(data.CLASSES), "mean": list(data.MEAN),
+                "std": list(data.STD), "arch": "ResNet18"}, path)
+
+
+def test_command_writes_figures_and_json(cifar, tmp_path):
+    _save_random_checkpoint(tmp_path / "random.pt")
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "random.pt", "--data-dir", cifar, "--limit-test", "200",
+                     "--device", "cpu", "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    for name in ["misclassified.png", "gradcam.png"]:
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "out" / "misclassified.json").read_text())
+    records = summary["misclassified"]
+    assert len(records) == 10 and [r["index"] for r in records] == sorted(r["index"] for r in records)
+    _, labels, _ = data.load_cifar10(cifar, "test")
+    for r in records:
+        assert r["actual"] == data.CLASSES[labels[r["index"]]] and r["actual"] != r["predicted"]
+        assert 0 <= r["true_class_probability"] <= r["confidence"] <= 1
+
+
+def test_figure_shows_denormalised_originals_and_seed_picks(cifar, tmp_path, monkeypatch):
+    _save_random_checkpoint(tmp_path / "random.pt")
+    shown = {}
+    monkeypatch.setattr(gradcam, "draw_misclassified", lambda images, *a: shown.setdefault("images", images))
+    summary = gradcam.main(["--ckpt", str(tmp_path / "random.pt"), "--data-dir", str(cifar), "--limit-test", "200",
+                            "--device", "cpu", "--count", "4", "--seed", "3", "--out", str(tmp_path)])
+    images, _, _ = data.load_cifar10(cifar, "test")
+    indices = [r["index"] for r in summary["misclassified"]]
+    original = images[indices].permute(0, 2, 3, 1).float().numpy() / 255
+    assert shown["images"].shape == (4, 32, 32, 3)
+    assert abs(shown["images"] - original).max() < 1e-5
+    first = gradcam.main(["--ckpt", str(tmp_path / "random.pt"), "--data-dir", str(cifar), "--limit-test", "200",
+                          "--device", "cpu", "--count", "4", "--out", str(tmp_path)])
+    assert indices != [r["index"] for r in first["misclassified"]]
+
+
+def test_perfect_model_is_handled(cifar, tmp_path, monkeypatch):
+    _save_random_checkpoint(tmp_path / "random.pt")
+    _, labels, _ = data.load_cifar10(cifar, "test")
+    monkeypatch.setattr(gradcam, "predict", lambda model, images, *a: F.one_hot(labels[:len(images)], 10).float())
+    summary = gradcam.main(["--ckpt", str(tmp_path / "random.pt"), "--data-dir", str(cifar), "--limit-test", "50",
+                            "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert summary["misclassified"] == [] and summary["test_accuracy"] == 100
+    assert not (tmp_path / "p" / "gradcam.png").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("corrupt", "truncated or corrupt"),
+    ("other", "does not fit a CIFAR ResNet18"), ("layer", "unknown layer"),
+])
+def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
+    path = tmp_path / "c.pt"
+    if case == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    elif case == "other":
+        torch.save({"model": ResNet18(num_classes=100).state_dict()}, path)
+    elif case == "layer":
+        _save_random_checkpoint(path)
+    res = run_script("gradcam.py", "--ckpt", path, "--layer", "layer9" if case == "layer" else "layer3",
+                     "--data-dir", tmp_path)
+    assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,113 @@
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import run_script
+from lr_range import LRRangeResult, lr_range_test, lr_schedule, plot_lr_range, steepest_index
+from resnet import ResNet18
+
+
+@pytest.mark.parametrize("mode", ["exp", "linear"])
+def test_schedule_hits_start_and_end_exactly(mode):
+    lrs = lr_schedule(1e-7, 10, 100, mode)
+    assert len(lrs) == 100 and lrs[0] == 1e-7 and lrs[-1] == 10
+    if mode == "exp":
+        ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+        assert max(ratios) == pytest.approx(min(ratios)) == pytest.approx(1e8 ** (1 / 99))
+    else:
+        steps = [b - a for a, b in zip(lrs, lrs[1:])]
+        assert max(steps) == pytest.approx(min(steps)) == pytest.approx((10 - 1e-7) / 99)
+
+
+class ScriptedLoss:
+    """A criterion returning a given loss sequence (still differentiable, so the step runs)."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def __call__(self, output, target):
+        return output.sum() * 0 + next(self.values)
+
+
+def scripted_run(values, **kw):
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.ones(4, 2), torch.zeros(4))]
+    return lr_range_test(model, optimizer, ScriptedLoss(values), batches, **kw)
+
+
+def test_smoothing_matches_hand_computation():
+    result = scripted_run([2.0, 1.0, 3.0, 0.5], num_iter=4, smooth=0.05)
+    assert result.losses == [2.0, 1.0, 3.0, 0.5]
+    # s0 = 2; s1 = .05*1 + .95*2 = 1.95; s2 = .05*3 + .95*1.95 = 2.0025; s3 = .05*.5 + .95*2.0025 = 1.927375
+    assert result.smoothed == pytest.approx([2.0, 1.95, 2.0025, 1.927375])
+    assert not result.diverged and len(result.lrs) == 4
+
+
+def test_divergence_stops_the_sweep():
+    values = [1.0] * 10 + [100.0] + [1.0] * 89
+    result = scripted_run(values, num_iter=100, smooth=0.05, diverge_th=5)
+    # after step 11 the smoothed loss is .05*100 + .95*1 = 5.95 > 5 * 1
+    assert result.diverged and len(result.losses) == 11
+    assert result.smoothed[-1] == pytest.approx(5.95)
+
+
+def test_suggestion_is_the_steepest_descent_of_a_synthetic_curve():
+    n = 100
+    # falls like a logistic centred on step 40, bottoms out near 70, then blows up
+    curve = [2.3 - 1.5 / (1 + math.exp(-(i - 40) / 4)) + (0.02 * (i - 70) ** 2 if i > 70 else 0) for i in range(n)]
+    assert steepest_index(curve) == 40
+    result = scripted_run(curve, num_iter=n, smooth=1.0, diverge_th=1e9)
+    assert result.suggested_lr == result.lrs[40]
+    assert result.min_loss_lr == result.lrs[curve.index(min(curve))]
+    assert result.min_loss_lr_div10 == pytest.approx(result.min_loss_lr / 10)
+
+
+def test_late_second_descent_is_not_suggested():
+    curve = [2.0 - 0.02 * i for i in range(40)] + [3.0 + 0.5 * i for i in range(20)] + [13 - 0.2 * i for i in range(40)]
+    assert steepest_index(curve) < 40
+
+
+def _snapshot(model, optimizer):
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_model_and_optimizer_are_restored_byte_for_byte(opt):
+    torch.manual_seed(0)
+    model = ResNet18()
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if opt == "sgd"
+                 else torch.optim.Adam(model.parameters(), lr=1e-3))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()  # give the optimizer some state first
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    before = _snapshot(model, optimizer)
+    result = lr_range_test(model, optimizer, nn.CrossEntropyLoss(), [(x, y)], start_lr=1e-4, end_lr=1, num_iter=4)
+    assert len(result.lrs) == 4 and result.losses[0] != result.losses[-1]
+    assert _snapshot(model, optimizer) == before
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_plot_written(tmp_path):
+    result = scripted_run([2.3 - 0.01 * i for i in range(30)], num_iter=30)
+    plot_lr_range(result, tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert isinstance(result, LRRangeResult) and set(result.to_dict()) >= {"lrs", "losses", "smoothed", "suggested_lr"}
+
+
+def test_cli_writes_plot_and_json(cifar, tmp_path):
+    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
+                     "--num-iter", "12", "--end-lr", "1", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "suggested max LR" in res.stdout
+    curve = json.loads((tmp_path / "lr_range.json").read_text())
+    assert len(curve["lrs"]) == len(curve["losses"]) <= 12 and curve["lrs"][0] == 1e-7
+    assert (tmp_path / "lr_range.png").is_file()
