@@ -415,6 +415,8 @@ def run(args):
         args, ckpt = _restored_args(args)
     validate(args, world)
     device = resolve_device(args.device)
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn works only with CUDA GPUs (PyTorch's SyncBatchNorm); drop it on CPU")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -646,7 +648,8 @@ def main(argv=None):
     try:
         return run(args)
     except (UserError, data.DataError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        if distributed_env()[0] == 0:
+            print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
