@@ -1,0 +1,234 @@
+"""Training throughput of train.py's path against a DataLoader pipeline like the spec's.
+
+    python bench.py                         # this machine's default device, batch 128
+    python bench.py --device cuda --batch-size 512 --compile --peak-tflops 790
+
+Both pipelines train the same ResNet18 at the same batch size on the same device:
+- default: the data as one uint8 tensor on the device, batched random_crop/flip/cutout there,
+  autocast (bf16 where supported), channels_last, optional torch.compile; no host sync per step.
+- reference: torch.utils.data.DataLoader over a Dataset with per-sample transforms (ToTensor,
+  RandomCrop(32, padding=4), Normalize, Cutout) in fp32, as the spec's notebook did.
+Images/s is the median over --windows timed windows of --steps steps, after --warmup steps.
+A benchmark, not a test: the numbers go to the terminal and, with --json, to a file.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import train
+from resnet import ResNet18
+
+
+class PerSampleCutout:
+    """The reference pipeline's Cutout: one 16x16 hole per image tensor, centre uniform, clipped."""
+
+    def __init__(self, size=16):
+        self.size = size
+
+    def __call__(self, image):
+        _, h, w = image.shape
+        cy, cx = np.random.randint(h), np.random.randint(w)
+        y0, y1 = max(0, cy - self.size // 2), min(h, cy + self.size // 2)
+        x0, x1 = max(0, cx - self.size // 2), min(w, cx + self.size // 2)
+        image = image.clone()
+        image[:, y0:y1, x0:x1] = 0
+        return image
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels):
+        from torchvision import transforms
+
+        self.images = images.permute(0, 2, 3, 1).numpy()  # H x W x C, like the PIL/numpy datasets
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.RandomCrop(32, padding=4),
+                                             transforms.Normalize(data.MEAN, data.STD), PerSampleCutout(16)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed_windows(step, batch_size, warmup, steps, windows, device):
+    """Images/s of each window of `steps` calls to step(), after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def default_path(images, labels, args, device):
+    """train.py's training step; returns (train rates, eval rates)."""
+    dtype = train.amp_dtype(device, not args.no_amp)
+    torch.manual_seed(0)
+    net = ResNet18().to(device, memory_format=torch.channels_last)
+    model = torch.compile(net) if args.compile else net
+    optimizer = train.make_optimizer(net, "sgd", 0.05, 5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = train.device_generator(device, 0)
+    images, labels = images.to(device), labels.to(device)
+
+    def batches():
+        while True:
+            yield from data.batch_indices(len(images), args.batch_size, True, torch.Generator().manual_seed(0),
+                                          True, device=device)
+
+    order = batches()
+
+    def step():
+        idx = next(order)
+        x = data.train_transform(images[idx], generator).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    net.train()
+    train_rates = timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
+    eval_x = data.normalize(images[:args.eval_batch_size]).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def eval_step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            model(eval_x).argmax(1)
+
+    net.eval()
+    eval_rates = timed_windows(eval_step, len(eval_x), 1, max(1, args.steps // 4), args.windows, device)
+    return train_rates, eval_rates, train.precision_name(dtype)
+
+
+def reference_path(images, labels, args, device):
+    torch.manual_seed(0)
+    model = ResNet18().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    loader = torch.utils.data.DataLoader(ReferenceDataset(images, labels), batch_size=args.batch_size, shuffle=True,
+                                         drop_last=True, num_workers=args.ref_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.ref_workers > 0)
+
+    def batches():
+        while True:
+            yield from loader
+
+    order = batches()
+
+    def step():
+        x, y = next(order)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    return timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
+
+
+def forward_flops_per_image(device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ResNet18().to(device).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, device=device))
+    return counter.get_total_flops()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=train.positive_int, default=128, help="training batch size (default 128)")
+    parser.add_argument("--eval-batch-size", type=train.positive_int, default=1024,
+                        help="batch size for the eval timing (default 1024)")
+    parser.add_argument("--steps", type=train.positive_int, default=10, help="steps per timed window (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--windows", type=train.positive_int, default=3, help="timed windows (default 3)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the default path's model")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
+    parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
+    parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 root; synthetic images of the same shape if not given")
+    parser.add_argument("--peak-tflops", type=train.positive_float, default=None,
+                        help="the device's peak TFLOP/s, to print the fraction achieved")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    device = train.resolve_device(args.device, parser)
+    needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
+    if args.data_dir:
+        try:
+            images, labels, _ = data.load_cifar10(args.data_dir, "train")
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        source = "CIFAR-10 train set"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        n = min(max(needed, args.eval_batch_size), data.SPLIT_SIZE["train"])
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        labels = torch.randint(0, 10, (n,), generator=gen)
+        source = f"{n:,} synthetic images"
+    if args.batch_size > len(images):
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
+
+    print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
+    train_rates, eval_rates, precision = default_path(images, labels, args, device)
+    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else f"{device.type} ({os.cpu_count()} cores)",
+              "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
+              "compile": args.compile, "data": source, "date": time.strftime("%Y-%m-%d"),
+              "default_images_per_s": statistics.median(train_rates), "default_windows": train_rates,
+              "eval_images_per_s": statistics.median(eval_rates)}
+    print(f"default   ({precision}, channels_last{', compiled' if args.compile else ''}): "
+          f"{result['default_images_per_s']:10,.0f} img/s train   {result['eval_images_per_s']:,.0f} img/s eval",
+          flush=True)
+    if not args.skip_reference:
+        ref_rates = reference_path(images, labels, args, device)
+        result["reference_images_per_s"] = statistics.median(ref_rates)
+        result["reference_windows"] = ref_rates
+        result["speedup"] = result["default_images_per_s"] / result["reference_images_per_s"]
+        print(f"reference (DataLoader, per-sample transforms, fp32): {result['reference_images_per_s']:10,.0f} img/s "
+              f"train\nspeed-up: {result['speedup']:.2f}x")
+    flops = forward_flops_per_image(device)
+    result["forward_gflops_per_image"] = flops / 1e9
+    result["train_tflops"] = 3 * flops * result["default_images_per_s"] / 1e12
+    result["estimated_20_epoch_train_seconds"] = 20 * data.SPLIT_SIZE["train"] / result["default_images_per_s"]
+    line = (f"model: {flops / 1e9:.2f} GFLOP forward per image; training at {result['train_tflops']:.2f} TFLOP/s "
+            f"(3x forward)")
+    if args.peak_tflops:
+        result["fraction_of_peak"] = result["train_tflops"] / args.peak_tflops
+        line += f", {100 * result['fraction_of_peak']:.1f}% of {args.peak_tflops:g}"
+    print(line)
+    print(f"20 epochs of 50,000 images at this rate: {result['estimated_20_epoch_train_seconds']:,.0f} s of training")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), **result}, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
