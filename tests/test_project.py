@@ -1,6 +1,8 @@
 """The README's promises about set-up: two commands, and CI runs the test one verbatim."""
 import re
 
+import pytest
+
 from conftest import REPO, run_script
 
 
@@ -33,3 +35,21 @@ def test_bench_smoke():
                      "--ref-workers", "0", "--eval-batch-size", "8")
     assert res.returncode == 0, res.stderr
     assert "speed-up:" in res.stdout and "GFLOP forward per image" in res.stdout
+
+
+def test_counted_flops_match_the_spec_table():
+    """Forward FLOPs from bench.py's counter against 2 x params x output pixels of every conv in
+    the spec's table (plus the linear layer): about 0.56 GMAC per image."""
+    import bench
+    from test_resnet import SPEC, spec_table
+
+    if not SPEC.is_file():
+        pytest.skip(f"needs the spec's table in {SPEC}")
+    expected = 0
+    for name, (shape, params) in spec_table().items():
+        if name.startswith("Conv2d"):
+            expected += 2 * params * shape[2] * shape[3]
+        elif name.startswith("Linear"):
+            expected += 2 * (params - 10)
+    assert bench.forward_flops_per_image("cpu") == expected
+    assert 0.55e9 < expected / 2 < 0.57e9
