@@ -496,7 +496,10 @@ def _train(args, ckpt, device, rank, world):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        aug_generator.set_state(ckpt["aug_generator"][rank] if world > 1 else ckpt["aug_generator"][0])
+        if len(ckpt["aug_generator"]) != world:
+            raise UserError(f"{args.resume} was saved by {len(ckpt['aug_generator'])} process(es); resume it "
+                            f"with the same number (torchrun --nproc_per_node)")
+        aug_generator.set_state(ckpt["aug_generator"][rank])
         history, best_acc = ckpt["history"], ckpt["best_acc"]
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt.get("partial")
         log(f"Resuming {args.out} at epoch {start_epoch + 1}, step {start_step}")
@@ -535,6 +538,8 @@ def _train(args, ckpt, device, rank, world):
             "per_class_test_acc": per_class,
         })
 
+    if main_process and ckpt is not None:
+        write_metrics()  # a kill between last.pt and metrics.json must not leave them out of step
     with SigintFlag() as interrupt:
         for epoch in range(start_epoch, args.epochs):
             net.train()

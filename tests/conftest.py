@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "cifar10"
+SHARED = Path(os.environ.get("CIFAR10_SHARED", REPO.parent / "shared" / "cifar10"))
 sys.path.insert(0, str(REPO))
 
 

@@ -1,10 +1,13 @@
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
@@ -31,3 +34,44 @@ def test_sync_bn_on_cpu_is_a_clear_error(cifar, tmp_path):
                      "--out", tmp_path / "ddp", "--sync-bn")
     assert res.returncode != 0 and res.stderr.count("--sync-bn works only with CUDA GPUs") == 1
     assert "[rank0]: Traceback" not in res.stderr and "[rank1]: Traceback" not in res.stderr
+
+
+def descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_torchrun_killed_then_resumed(cifar, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--device", "cpu", "--data-dir", str(cifar), "--epochs", "2", "--limit-train", "512",
+               "--limit-test", "100", "--batch-size", "64", "--max-lr", "0.05", "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("Epoch 2/2  step 1/8"):
+            for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in new sessions
+                os.kill(pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                     "--device", "cpu", "--data-dir", cifar, "--resume", out / "last.pt")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "at epoch 2, step 0" in res.stdout and res.stdout.count("Test set:") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["world_size"] == 2
+    single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", out / "last.pt")
+    assert single.returncode == 1 and "saved by 2 process(es)" in single.stderr
