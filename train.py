@@ -377,17 +377,19 @@ class SigintFlag:
 def plot_curves(history, path):
     """Loss and accuracy per epoch, train vs test, like the spec's 'Accuracy and Loss Plots'."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (smoothed targets)")
     ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h["test_acc"] for h in history], "o-", label="test")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
