@@ -5,6 +5,7 @@ augmented a batch at a time there; there is no per-sample PIL pipeline and no Da
 Each augmentation is a plain function that takes a torch.Generator, so runs are reproducible.
 """
 import codecs
+import functools
 import os
 import pickle
 
@@ -125,17 +126,23 @@ def load_cifar10(root, split="train", download=False, expect_full=True):
     return torch.from_numpy(images), torch.from_numpy(labels), CLASSES
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_stats(mean, std, device):
+    """mean and std as 1 x C x 1 x 1 tensors on the device, made once: building them from Python
+    floats on every batch would be a blocking host-to-GPU copy in the training loop."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return as_tensor(mean), as_tensor(std)
+
+
 def normalize(images, mean=MEAN, std=STD):
     """uint8 images in 0..255 to float, per channel (x/255 - mean) / std."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean, std = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() / 255 - mean) / std
 
 
 def denormalize(images, mean=MEAN, std=STD):
     """Undo normalize for display: float images in 0..1."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean, std = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() * std + mean).clamp(0, 1)
 
 
