@@ -323,8 +323,8 @@ def evaluate(model, images, labels, batch_size, dtype=None, num_classes=10, rank
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
-        count += torch.bincount(y, minlength=num_classes)
+        correct.index_add_(0, y, (logits.argmax(1) == y).float())  # no boolean mask: no host sync
+        count.index_add_(0, y, torch.ones_like(y, dtype=count.dtype))
     totals = all_reduce(torch.cat([loss_sum.view(1), correct, count]), world_size).cpu()
     model.train(was_training)
     loss_sum, correct, count = totals[0].item(), totals[1:1 + num_classes], totals[1 + num_classes:]
