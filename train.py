@@ -592,6 +592,9 @@ def _train(args, ckpt, device, rank, world):
                           f"Resume with: python train.py --resume {resume}", flush=True)
                     raise KeyboardInterrupt
             train_seconds = time.perf_counter() - started
+            if world > 1:  # DDP syncs BN statistics only at the next forward: test what rank 0 saves
+                for buffer in net.buffers():
+                    dist.broadcast(buffer, 0)
             loss_sum, correct, seen = all_reduce(torch.cat([sums, sums.new_tensor([seen])]), world).tolist()
             result = evaluate(eval_forward, test_x, test_y, args.eval_batch_size, dtype, len(classes), rank, world)
             log(f"Test set: Average loss: {result['loss']:.4f}, Accuracy: {result['correct']}/{result['total']} "
@@ -627,6 +630,8 @@ def _train(args, ckpt, device, rank, world):
         best = max(history, key=lambda h: h["test_acc"])
         log(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}; "
             f"{sum(h['train_seconds'] for h in history):.1f} s of training. Outputs in {args.out}")
+    if world > 1:
+        dist.barrier()  # the others wait while rank 0 writes, then all leave the group together
     return history
 
 
