@@ -123,6 +123,27 @@ def test_non_finite_loss_stops_with_a_clear_message(cifar, tmp_path):
     assert not (tmp_path / "nan" / "last.pt").exists()
 
 
+def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeypatch):
+    calls = []
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        """Finite for the 4 steps of epoch 1, NaN from the first step of epoch 2 on."""
+
+        def forward(self, logits, target):
+            calls.append(1)
+            loss = super().forward(logits, target)
+            return loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", PoisonedLoss)
+    out = tmp_path / "run"
+    with pytest.raises(train.NonFiniteLoss, match="epoch 2, step 1;.*lower --max-lr"):
+        tiny_fit(cifar, out, epochs=2)
+    last = train.load_checkpoint(str(out / "last.pt"))
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert train.load_checkpoint(str(out / "best.pt"))["epoch"] == 1
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"),
