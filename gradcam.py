@@ -142,7 +142,7 @@ def draw_misclassified(images, actual, predicted, path):
 def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, alpha, layer, path):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 2.5 * len(images)))
+    fig = Figure(figsize=(7.5, 2.5 * len(images)), layout="constrained")
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, (image, pm, tm, a, p, c) in enumerate(zip(images, pred_maps, true_maps, actual, predicted, confidence)):
         panels = [(image, f"Actual: {a}\nPredicted: {p} ({100 * c:.0f}%)"),
@@ -153,7 +153,6 @@ def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, al
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.suptitle(f"Grad-CAM on {layer}", fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
