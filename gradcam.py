@@ -196,7 +196,7 @@ def main(argv=None):
     records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
                 "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
                for i in chosen]
-    summary = {"checkpoint": os.path.abspath(args.ckpt), "layer": args.layer, "test_images": len(images),
+    summary = {"checkpoint": args.ckpt, "layer": args.layer, "test_images": len(images),
                "test_accuracy": accuracy, "misclassified": records}
     with open(os.path.join(out, "misclassified.json"), "w") as f:
         json.dump(summary, f, indent=1)
