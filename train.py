@@ -447,7 +447,11 @@ def _train(args, ckpt, device, rank, world):
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         tb = SummaryWriter(args.tensorboard)
 
+    if world > 1 and not main_process:
+        dist.barrier()  # the others read the data only once rank 0 has downloaded it
     train_x, train_y, classes = data.load_cifar10(args.data_dir, "train", download=args.download and main_process)
+    if world > 1 and main_process:
+        dist.barrier()
     test_x, test_y, _ = data.load_cifar10(args.data_dir, "test")
     train_x, train_y = train_x[:args.limit_train].to(device), train_y[:args.limit_train].to(device)
     test_x, test_y = test_x[:args.limit_test].to(device), test_y[:args.limit_test].to(device)
