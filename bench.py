@@ -13,7 +13,6 @@ A benchmark, not a test: the numbers go to the terminal and, with --json, to a f
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -197,8 +196,7 @@ def main(argv=None):
 
     print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
     train_rates, eval_rates, precision = default_path(images, labels, args, device)
-    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"{device.type} ({os.cpu_count()} cores)",
+    result = {"device": str(device), "device_name": train.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
               "compile": args.compile, "data": source, "date": time.strftime("%Y-%m-%d"),
               "default_images_per_s": statistics.median(train_rates), "default_windows": train_rates,

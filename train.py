@@ -162,6 +162,13 @@ def validate(args, world_size=1):
 # Precision, model, optimizer
 
 
+def device_name(device):
+    """What a person comparing numbers needs to know of the device: the GPU's name, or the cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
 def cpu_supports_bf16():
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -535,7 +542,7 @@ def _train(args, ckpt, device, rank, world):
         best = max(history, key=lambda h: h["test_acc"]) if history else None
         save_json(os.path.join(args.out, "metrics.json"), {
             "dataset": "CIFAR-10", "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "device_name": device_name(device),
             "precision": precision_name(dtype), "world_size": world, "torch": torch.__version__,
             "max_lr": max_lr, "lr_range": lr_range, "args": vars(args),
             "epochs": history, "best_epoch": best and best["epoch"], "best_test_acc": best and best["test_acc"],
