@@ -495,11 +495,12 @@ def _train(args, ckpt, device, rank, world):
 
     optimizer = make_optimizer(net, args.optimizer, max_lr, args.wd)
     total_steps = args.epochs * steps
-    if total_steps < 4:
-        raise UserError(f"only {total_steps} training steps: OneCycle needs at least 4; "
+    if total_steps < 3:
+        raise UserError(f"only {total_steps} training steps: OneCycle needs at least 3; "
                         f"raise --epochs or --limit-train, or lower --batch-size")
-    # Each OneCycle phase needs at least one step, which matters only for tiny test runs.
-    pct_start = min(max(args.pct_start, 2 / total_steps), 1 - 2 / total_steps)
+    # OneCycle's warm-up must end at step 1 or later and leave a step to anneal; this moves
+    # pct_start only for runs of a few steps, such as `--epochs 1 --limit-train 2000`.
+    pct_start = min(max(args.pct_start, 2 / total_steps), 1 - 1 / total_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total_steps, pct_start=pct_start)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     aug_generator = device_generator(device, args.seed * 1000 + rank)

@@ -59,6 +59,13 @@ def test_fit_learns_and_writes_outputs(cifar, tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+def test_shortest_onecycle_runs_and_shorter_is_a_clear_error(cifar, tmp_path):
+    history = tiny_fit(cifar, tmp_path / "three", epochs=1, limit_train=384)  # 3 steps of 128
+    assert len(history) == 1 and history[0]["train_images"] == 384
+    with pytest.raises(train.UserError, match="only 2 training steps: OneCycle needs at least 3"):
+        tiny_fit(cifar, tmp_path / "two", epochs=1, limit_train=256)
+
+
 def test_checkpoint_round_trip(cifar, tmp_path):
     out = tmp_path / "run"
     history = tiny_fit(cifar, out, epochs=1)
