@@ -87,7 +87,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --out")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in PATH (its last.pt)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
-                   help="sgd (Nesterov momentum) or adam; OneCycle cycles the momentum or beta1 between 0.95 and 0.85 (default sgd)")
+                   help="sgd (Nesterov momentum) or adam; OneCycle cycles the momentum (or beta1) "
+                        "between 0.95 and 0.85 (default sgd)")
     p.add_argument("--max-lr", type=max_lr_value, default=0.2,
                    help="OneCycle peak LR, or 'auto' to take it from an LR range test first (default 0.2)")
     p.add_argument("--lr-range-steps", type=positive_int, default=100,
