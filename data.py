@@ -130,8 +130,8 @@ def load_cifar10(root, split="train", download=False, expect_full=True):
 def _channel_stats(mean, std, device):
     """mean and std as 1 x C x 1 x 1 tensors on the device, made once: building them from Python
     floats on every batch would be a blocking host-to-GPU copy in the training loop."""
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    return as_tensor(mean), as_tensor(std)
+    stats = torch.tensor([mean, std], dtype=torch.float32).view(2, 1, -1, 1, 1).to(device)
+    return stats[0], stats[1]
 
 
 def normalize(images, mean=MEAN, std=STD):
