@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -404,6 +405,16 @@ def plot_curves(history, path):
     save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
+def resume_command(args):
+    """The command that continues this run: the checkpoint keeps the recipe, not where the data lives."""
+    defaults = build_parser().parse_args([])
+    command = ["python", "train.py", "--resume", os.path.join(args.out, "last.pt")]
+    for flag, key in (("--data-dir", "data_dir"), ("--device", "device")):
+        if getattr(args, key) != getattr(defaults, key):
+            command += [flag, str(getattr(args, key))]
+    return shlex.join(command)
+
+
 def _restored_args(args):
     """On --resume, the saved run's recipe wins; only where and how to run come from the CLI."""
     ckpt = load_checkpoint(args.resume)
@@ -600,9 +611,8 @@ def _train(args, ckpt, device, rank, world):
                 if interrupt.set and world == 1 and step + 1 < steps:
                     save_atomic(os.path.join(args.out, "last.pt"),
                                 lambda f: torch.save(checkpoint(epoch, step + 1, sums.tolist() + [seen]), f))
-                    resume = os.path.join(args.out, "last.pt")
-                    print(f"\nInterrupted at epoch {epoch + 1}, step {step + 1}/{steps}; saved {resume}.\n"
-                          f"Resume with: python train.py --resume {resume}", flush=True)
+                    print(f"\nInterrupted at epoch {epoch + 1}, step {step + 1}/{steps}; saved "
+                          f"{os.path.join(args.out, 'last.pt')}.\nResume with: {resume_command(args)}", flush=True)
                     raise KeyboardInterrupt
             train_seconds = time.perf_counter() - started
             if world > 1:  # DDP syncs BN statistics only at the next forward: test what rank 0 saves
@@ -632,9 +642,8 @@ def _train(args, ckpt, device, rank, world):
                 if last:
                     log("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, result["per_class"])))
             if interrupt.set and world == 1:
-                resume = os.path.join(args.out, "last.pt")
-                print(f"Interrupted after epoch {epoch + 1}; saved {resume}.\n"
-                      f"Resume with: python train.py --resume {resume}", flush=True)
+                print(f"Interrupted after epoch {epoch + 1}; saved {os.path.join(args.out, 'last.pt')}.\n"
+                      f"Resume with: {resume_command(args)}", flush=True)
                 raise KeyboardInterrupt
     if main_process:
         plot_curves(history, os.path.join(args.out, "curves.png"))

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     code, log = interrupted(tmp_path / "int", "Epoch 1/2  step 2/4", signal.SIGINT)
     assert code == 130, log
     resume_line = [l for l in log.splitlines() if l.startswith("Resume with:")]
-    assert resume_line == [f"Resume with: python train.py --resume {tmp_path / 'int' / 'last.pt'}"]
+    hint = ["python", "train.py", "--resume", str(tmp_path / "int" / "last.pt"), "--data-dir", str(cifar)]
+    assert resume_line == ["Resume with: " + shlex.join(hint)]
     saved = train.load_checkpoint(str(tmp_path / "int" / "last.pt"))
     assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
 
@@ -110,8 +112,8 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     train.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
 
     reference = train.load_checkpoint(str(tmp_path / "full" / "last.pt"))
-    for name in ["int", "kill"]:
-        res = run_script("train.py", "--data-dir", cifar, "--resume", tmp_path / name / "last.pt")
+    for name, command in [("int", hint[2:]), ("kill", ["--data-dir", cifar, "--resume", tmp_path / "kill" / "last.pt"])]:
+        res = run_script("train.py", *command)
         assert res.returncode == 0, res.stderr
         resumed = train.load_checkpoint(str(tmp_path / name / "last.pt"))
         assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
