@@ -571,12 +571,15 @@ def _train(args, ckpt, device, rank, world):
             net.train()
             progress = Progress(epoch + 1, args.epochs, steps, main_process)
             order_generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            loss_sum, correct, seen = partial if partial else (0.0, 0.0, 0)
+            # partial: sums, images and training seconds of the interrupted epoch so far (checkpoints
+            # saved before the seconds were kept have three entries; their time before the stop is lost)
+            loss_sum, correct, seen, elapsed = (list(partial) + [0.0])[:4] if partial else (0.0, 0.0, 0, 0.0)
             sums = torch.tensor([loss_sum, correct], device=device)
             finite = []
             first_step, partial = start_step, None
             start_step = 0
-            started = time.perf_counter()
+            started = time.perf_counter() - elapsed
+            resumed_at = time.perf_counter()
             for step, idx in enumerate(data.batch_indices(len(train_x), args.batch_size, True, order_generator, True,
                                                           rank, world, start=first_step, device=device),
                                        start=first_step):
@@ -606,11 +609,12 @@ def _train(args, ckpt, device, rank, world):
                     finite.clear()
                 if progress.due(step):
                     loss_sum, correct = sums.tolist()
-                    rate = (step + 1 - first_step) * args.batch_size / (time.perf_counter() - started)
+                    rate = (step + 1 - first_step) * args.batch_size / (time.perf_counter() - resumed_at)
                     progress.show(step, loss_sum / seen, lr, 100 * correct / seen, rate)
                 if interrupt.set and world == 1 and step + 1 < steps:
+                    partial = sums.tolist() + [seen, time.perf_counter() - started]
                     save_atomic(os.path.join(args.out, "last.pt"),
-                                lambda f: torch.save(checkpoint(epoch, step + 1, sums.tolist() + [seen]), f))
+                                lambda f: torch.save(checkpoint(epoch, step + 1, partial), f))
                     print(f"\nInterrupted at epoch {epoch + 1}, step {step + 1}/{steps}; saved "
                           f"{os.path.join(args.out, 'last.pt')}.\nResume with: {resume_command(args)}", flush=True)
                     raise KeyboardInterrupt

@@ -105,6 +105,9 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     assert resume_line == ["Resume with: " + shlex.join(hint)]
     saved = train.load_checkpoint(str(tmp_path / "int" / "last.pt"))
     assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
+    assert saved["partial"][2] == saved["step"] * 128 and saved["partial"][3] > 0
+    saved["partial"][3] += 1000.0  # as if the steps before the stop had taken 1,000 s more
+    torch.save(saved, tmp_path / "int" / "last.pt")
 
     code, log = interrupted(tmp_path / "kill", "Epoch 2/2  step 1/4", signal.SIGKILL)
     assert code == -signal.SIGKILL
@@ -121,6 +124,9 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
             assert torch.equal(value, resumed["model"][key]), (name, key)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert [e["test_acc"] for e in metrics["epochs"]] == [h["test_acc"] for h in reference["history"]]
+    first = json.loads((tmp_path / "int" / "metrics.json").read_text())["epochs"][0]
+    assert first["train_images"] == 512 and first["train_seconds"] > 1000  # the whole epoch's time, both halves
+    assert first["train_images_per_s"] < 512 / 1000
 
 
 def test_non_finite_loss_stops_with_a_clear_message(cifar, tmp_path):
