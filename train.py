@@ -383,15 +383,17 @@ class SigintFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def plot_curves(history, path):
-    """Loss and accuracy per epoch, train vs test, like the spec's 'Accuracy and Loss Plots'."""
+def plot_curves(history, path, label_smoothing=0.0):
+    """Loss and accuracy per epoch, train vs test, like the spec's 'Accuracy and Loss Plots'.
+    The train loss is against smoothed targets when label smoothing is on, so the legend says so."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (smoothed targets)")
+    train_label = f"train (targets smoothed by {label_smoothing:g})" if label_smoothing else "train"
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label=train_label)
     ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train (augmented)")
@@ -403,6 +405,7 @@ def plot_curves(history, path):
         ax.legend()
     fig.tight_layout()
     save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    return fig
 
 
 def resume_command(args):
@@ -650,7 +653,7 @@ def _train(args, ckpt, device, rank, world):
                       f"Resume with: {resume_command(args)}", flush=True)
                 raise KeyboardInterrupt
     if main_process:
-        plot_curves(history, os.path.join(args.out, "curves.png"))
+        plot_curves(history, os.path.join(args.out, "curves.png"), args.label_smoothing)
         if tb is not None:
             tb.close()
         best = max(history, key=lambda h: h["test_acc"])

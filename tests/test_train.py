@@ -67,6 +67,16 @@ def test_shortest_onecycle_runs_and_shorter_is_a_clear_error(cifar, tmp_path):
         tiny_fit(cifar, tmp_path / "two", epochs=1, limit_train=256)
 
 
+@pytest.mark.parametrize("smoothing, label", [(0.1, "train (targets smoothed by 0.1)"), (0.0, "train")])
+def test_curves_say_when_the_train_loss_is_against_smoothed_targets(tmp_path, smoothing, label):
+    history = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 1.9 / e, "train_acc": 30.0 * e, "test_acc": 31.0 * e}
+               for e in (1, 2)]
+    fig = train.plot_curves(history, str(tmp_path / "curves.png"), smoothing)
+    loss_legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert loss_legend == [label, "test"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_checkpoint_round_trip(cifar, tmp_path):
     out = tmp_path / "run"
     history = tiny_fit(cifar, out, epochs=1)
