@@ -410,10 +410,10 @@ def plot_curves(history, path, label_smoothing=0.0):
 
 def resume_command(args):
     """The command that continues this run: the checkpoint keeps the recipe, not where the data lives."""
-    defaults = build_parser().parse_args([])
+    parser = build_parser()
     command = ["python", "train.py", "--resume", os.path.join(args.out, "last.pt")]
     for flag, key in (("--data-dir", "data_dir"), ("--device", "device")):
-        if getattr(args, key) != getattr(defaults, key):
+        if getattr(args, key) != parser.get_default(key):
             command += [flag, str(getattr(args, key))]
     return shlex.join(command)
 
@@ -581,8 +581,8 @@ def _train(args, ckpt, device, rank, world):
             finite = []
             first_step, partial = start_step, None
             start_step = 0
-            started = time.perf_counter() - elapsed
             resumed_at = time.perf_counter()
+            started = resumed_at - elapsed
             for step, idx in enumerate(data.batch_indices(len(train_x), args.batch_size, True, order_generator, True,
                                                           rank, world, start=first_step, device=device),
                                        start=first_step):
