@@ -90,6 +90,7 @@ def default_path(images, labels, args, device):
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = train.device_generator(device, 0)
+    cutout_p = train.build_parser().get_default("cutout_p")
     images, labels = images.to(device), labels.to(device)
 
     def batches():
@@ -101,7 +102,7 @@ def default_path(images, labels, args, device):
 
     def step():
         idx = next(order)
-        x = data.train_transform(images[idx], generator).contiguous(memory_format=torch.channels_last)
+        x = data.train_transform(images[idx], generator, True, cutout_p).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = criterion(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)

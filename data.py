@@ -170,9 +170,11 @@ def flip(images, generator=None):
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
-def cutout(images, size=16, fill=0.0, generator=None):
+def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     """Cutout (DeVries & Taylor 2017): one size x size hole per image, centre uniform over the
-    image, clipped at the borders. Apply after normalize so fill=0 is the data mean."""
+    image, clipped at the borders. Apply after normalize so fill=0 is the data mean.
+    With p < 1 each image gets its hole with probability p (albumentations' Cutout, which the
+    spec's run used, defaults to p=0.5); p=1 draws nothing extra, so its results stay as they were."""
     n, _, h, w = images.shape
     cy = _randint(h, n, generator, images.device)[:, None]
     cx = _randint(w, n, generator, images.device)[:, None]
@@ -181,15 +183,20 @@ def cutout(images, size=16, fill=0.0, generator=None):
     in_y = (ys >= cy - size // 2) & (ys < cy + size - size // 2)
     in_x = (xs >= cx - size // 2) & (xs < cx + size - size // 2)
     hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]
+    if p < 1:
+        gen_device = generator.device if generator is not None else images.device
+        chosen = torch.rand(n, generator=generator, device=gen_device).to(images.device) < p
+        hole = hole & chosen[:, None, None, None]
     return images.masked_fill(hole, fill)
 
 
-def train_transform(images, generator=None, use_flip=True):
-    """The training augmentation: RandomCrop(32, padding=4), optional flip, normalize, Cutout 16x16."""
+def train_transform(images, generator=None, use_flip=True, cutout_p=1.0):
+    """The training augmentation: RandomCrop(32, padding=4), optional flip, normalize, Cutout 16x16
+    (on each image with probability cutout_p)."""
     images = random_crop(images, 4, generator)
     if use_flip:
         images = flip(images, generator)
-    return cutout(normalize(images), 16, 0.0, generator)
+    return cutout(normalize(images), 16, 0.0, generator, cutout_p)
 
 
 def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1,

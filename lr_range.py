@@ -170,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--num-iter", type=train.positive_int, default=100, help="steps in the sweep (default 100)")
     parser.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
+    parser.add_argument("--cutout-p", type=train.probability, default=train.build_parser().get_default("cutout_p"),
+                        help="probability of the Cutout hole per image (default: train.py's)")
     parser.add_argument("--limit-train", type=train.positive_int, default=None, help="use only the first N training images")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -199,7 +201,8 @@ def main(argv=None):
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(),
                            train.lr_range_batches(images.to(device), labels.to(device), args.batch_size, args.seed),
                            args.start_lr, args.end_lr, args.num_iter, args.step_mode,
-                           amp_dtype=amp_dtype, transform=train.augmenter(args.seed, device, not args.no_flip))
+                           amp_dtype=amp_dtype, transform=train.augmenter(args.seed, device, not args.no_flip,
+                                                                     args.cutout_p))
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     with open(os.path.join(args.out, "lr_range.json"), "w") as f:
         json.dump({"args": vars(args), **result.to_dict()}, f, indent=1)

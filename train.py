@@ -72,6 +72,13 @@ def fraction(text):
     return value
 
 
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def max_lr_value(text):
     return "auto" if text == "auto" else positive_float(text)
 
@@ -99,6 +106,9 @@ def build_parser():
     p.add_argument("--wd", type=non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
     p.add_argument("--label-smoothing", type=fraction, default=0.1, help="label smoothing (default 0.1)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (the spec used none)")
+    p.add_argument("--cutout-p", type=probability, default=1.0,
+                   help="probability that an image gets its 16x16 Cutout hole (default 1: every image; "
+                        "the spec's run used albumentations' default, 0.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed for init, order and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -204,10 +214,10 @@ def device_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def augmenter(seed, device, use_flip=True):
+def augmenter(seed, device, use_flip=True, cutout_p=1.0):
     """The training augmentation as a one-argument function with its own seeded generator."""
     generator = device_generator(device, seed)
-    return lambda images: data.train_transform(images, generator, use_flip).contiguous(
+    return lambda images: data.train_transform(images, generator, use_flip, cutout_p).contiguous(
         memory_format=torch.channels_last)
 
 
@@ -426,6 +436,7 @@ def _restored_args(args):
         raise UserError(f"{args.resume} holds no training arguments, so it cannot be resumed")
     for key in ("device", "data_dir", "download", "tensorboard", "resume", "overwrite", "eval_batch_size"):
         saved[key] = getattr(args, key)
+    saved.setdefault("cutout_p", 1.0)  # runs saved before --cutout-p existed cut every image
     saved["out"] = os.path.dirname(os.path.abspath(args.resume))
     merged = argparse.Namespace(**{**vars(args), **saved})
     return merged, ckpt
@@ -499,7 +510,7 @@ def _train(args, ckpt, device, rank, world):
         result = lr_range_test(net, make_optimizer(net, args.optimizer, 1e-7, args.wd), criterion,
                                lr_range_batches(train_x, train_y, local_batch, args.seed + 1 + rank),
                                num_iter=max(2, args.lr_range_steps), amp_dtype=dtype,
-                               transform=augmenter(args.seed + 1 + rank, device, not args.no_flip))
+                               transform=augmenter(args.seed + 1 + rank, device, not args.no_flip, args.cutout_p))
         max_lr = broadcast_value(result.suggested_lr, world)
         lr_range = result.to_dict()
         if main_process:
@@ -586,7 +597,7 @@ def _train(args, ckpt, device, rank, world):
             for step, idx in enumerate(data.batch_indices(len(train_x), args.batch_size, True, order_generator, True,
                                                           rank, world, start=first_step, device=device),
                                        start=first_step):
-                x = data.train_transform(train_x[idx], aug_generator, not args.no_flip)
+                x = data.train_transform(train_x[idx], aug_generator, not args.no_flip, args.cutout_p)
                 x = x.contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -156,6 +156,17 @@ def test_cutout_hole_size_and_fill():
     assert torch.equal(out[kept], x[kept])
 
 
+def test_cutout_with_probability_cuts_a_random_share_with_the_same_holes():
+    x = data.normalize(torch.randint(1, 256, (2000, 3, 8, 8), dtype=torch.uint8))
+    x = torch.where(x == 0, torch.ones_like(x), x)
+    always = data.cutout(x, 4, 0.0, torch.Generator().manual_seed(3))
+    half = data.cutout(x, 4, 0.0, torch.Generator().manual_seed(3), p=0.5)
+    cut = (half != x).flatten(1).any(1)
+    assert 900 < int(cut.sum()) < 1100  # Binomial(2000, 0.5): 1000 +- 4.5 sd
+    assert torch.equal(half[cut], always[cut]) and torch.equal(half[~cut], x[~cut])
+    assert torch.equal(data.cutout(x, 4, 0.0, torch.Generator().manual_seed(3), p=0.0), x)
+
+
 def test_flip_flips_about_half():
     x = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
     out = data.flip(x, torch.Generator().manual_seed(1))

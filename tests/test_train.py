@@ -91,7 +91,7 @@ def test_checkpoint_round_trip(cifar, tmp_path):
 
 
 def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
-    common = ["train.py", "--data-dir", cifar, "--epochs", "2", *TINY]
+    common = ["train.py", "--data-dir", cifar, "--epochs", "2", "--cutout-p", "1", *TINY]
     full = run_script(*common, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr
 
@@ -121,7 +121,10 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
 
     code, log = interrupted(tmp_path / "kill", "Epoch 2/2  step 1/4", signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert train.load_checkpoint(str(tmp_path / "kill" / "last.pt"))["epoch"] == 1
+    killed = train.load_checkpoint(str(tmp_path / "kill" / "last.pt"))
+    assert killed["epoch"] == 1
+    del killed["args"]["cutout_p"]  # as saved before --cutout-p existed: every image was cut
+    torch.save(killed, tmp_path / "kill" / "last.pt")
     train.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
 
     reference = train.load_checkpoint(str(tmp_path / "full" / "last.pt"))
@@ -176,6 +179,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeyp
     (["--limit-train", "60000"], "larger than the training set"),
     (["--limit-train", "100", "--batch-size", "128"], "larger than the 100 training images"),
     (["--max-lr", "fast"], "--max-lr"),
+    (["--cutout-p", "1.5"], "--cutout-p"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
     res = run_script("train.py", *args)
