@@ -17,7 +17,7 @@ log="$out/log.txt"
 deadline=${DEADLINE:-540}
 start=$SECONDS
 export PYTHONUNBUFFERED=1
-spec_flags="--optimizer adam --label-smoothing 0 --no-flip"
+spec_flags="--optimizer adam --label-smoothing 0 --no-flip"  # with --max-lr, --wd and --cutout-p below
 
 in_time() {  # run a command, killed at the deadline
     local left=$((deadline - (SECONDS - start)))
@@ -32,36 +32,35 @@ train() {  # train STEP [train.py flags...], then Grad-CAM on its best checkpoin
         in_time python3 gradcam.py --ckpt "$out/$name/best.pt" --data-dir .data
 }
 
-run_step() {
-    case $1 in
-        default) train default ;;
-        default-compile) train default-compile --compile ;;
-        default-seed1) train default-seed1 --seed 1 ;;
-        default-seed2) train default-seed2 --seed 2 ;;
-        default-ls0) train default-ls0 --label-smoothing 0 ;;
-        default-lr0.1) train default-lr0.1 --max-lr 0.1 ;;
-        default-lr0.4) train default-lr0.4 --max-lr 0.4 ;;
-        default-seed3) train default-seed3 --seed 3 ;;
-        default-cut0.5) train default-cut0.5 --cutout-p 0.5 ;;
-        default-cut0.5-seed1) train default-cut0.5-seed1 --cutout-p 0.5 --seed 1 ;;
-        default-cut0.5-seed2) train default-cut0.5-seed2 --cutout-p 0.5 --seed 2 ;;
-        default-cut0.5-lr0.4) train default-cut0.5-lr0.4 --cutout-p 0.5 --max-lr 0.4 ;;
-        spec-cut0.5) train spec-cut0.5 $spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5 ;;
-        spec-cut0.5-seed1) train spec-cut0.5-seed1 $spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5 --seed 1 ;;
-        spec-auto-wd0-cut0.5) train spec-auto-wd0-cut0.5 $spec_flags --max-lr auto --wd 0 --cutout-p 0.5 ;;
-        spec) train spec $spec_flags --max-lr auto --wd 1e-4 ;;
-        spec-lr) train spec-lr $spec_flags --max-lr 0.027 --wd 1e-4 ;;
-        spec-lr-wd0) train spec-lr-wd0 $spec_flags --max-lr 0.027 --wd 0 ;;
-        bench) mkdir -p "$out/bench" &&
+run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
+    local name=$1 recipe=$1 seed=0
+    if [[ $name =~ ^(.+)-seed([0-9]+)$ ]]; then
+        recipe=${BASH_REMATCH[1]}
+        seed=${BASH_REMATCH[2]}
+    fi
+    case $recipe in
+        default) train "$name" --seed "$seed" ;;
+        default-lr0.4) train "$name" --seed "$seed" --max-lr 0.4 ;;
+        default-compile) train "$name" --seed "$seed" --compile ;;
+        cutout1) train "$name" --seed "$seed" --cutout-p 1 ;;
+        cutout1-lr0.4) train "$name" --seed "$seed" --cutout-p 1 --max-lr 0.4 ;;
+        cutout1-ls0) train "$name" --seed "$seed" --cutout-p 1 --label-smoothing 0 ;;
+        cutout1-compile) train "$name" --seed "$seed" --cutout-p 1 --compile ;;
+        spec-recipe) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5 ;;
+        spec-recipe-auto) train "$name" --seed "$seed" $spec_flags --max-lr auto --wd 0 --cutout-p 0.5 ;;
+        spec-cutout1) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 0 --cutout-p 1 ;;
+        spec-cutout1-wd1e-4) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 1e-4 --cutout-p 1 ;;
+        spec-cutout1-wd1e-4-auto) train "$name" --seed "$seed" $spec_flags --max-lr auto --wd 1e-4 --cutout-p 1 ;;
+        bench) mkdir -p "$out/$name" &&
             in_time python3 bench.py --batch-size 512 --data-dir .data --steps 20 --windows 5 --ref-workers 8 \
-                --peak-tflops 790 --json "$out/bench/bench.json" ;;
-        bench-1024) mkdir -p "$out/bench-1024" &&
+                --peak-tflops 790 --json "$out/$name/bench.json" ;;
+        bench-1024) mkdir -p "$out/$name" &&
             in_time python3 bench.py --batch-size 1024 --data-dir .data --steps 20 --windows 5 --skip-reference \
-                --peak-tflops 790 --json "$out/bench-1024/bench.json" ;;
-        bench-compile) mkdir -p "$out/bench-compile" &&
+                --peak-tflops 790 --json "$out/$name/bench.json" ;;
+        bench-compile) mkdir -p "$out/$name" &&
             in_time python3 bench.py --batch-size 512 --data-dir .data --steps 20 --windows 5 --compile \
-                --skip-reference --peak-tflops 790 --json "$out/bench-compile/bench.json" ;;
-        *) echo "unknown step $1" ; return 2 ;;
+                --skip-reference --peak-tflops 790 --json "$out/$name/bench.json" ;;
+        *) echo "unknown step $1"; return 2 ;;
     esac
 }
 
