@@ -174,7 +174,8 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     """Cutout (DeVries & Taylor 2017): one size x size hole per image, centre uniform over the
     image, clipped at the borders. Apply after normalize so fill=0 is the data mean.
     With p < 1 each image gets its hole with probability p (albumentations' Cutout, which the
-    spec's run used, defaults to p=0.5); p=1 draws nothing extra, so its results stay as they were."""
+    spec's run used, defaults to p=0.5). p=1 draws no extra random numbers, so a seed gives the
+    same holes as before p existed."""
     n, _, h, w = images.shape
     cy = _randint(h, n, generator, images.device)[:, None]
     cx = _randint(w, n, generator, images.device)[:, None]
