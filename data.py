@@ -146,9 +146,17 @@ def denormalize(images, mean=MEAN, std=STD):
     return (images.float() * std + mean).clamp(0, 1)
 
 
+def _generator_device(generator, device):
+    """Draw where the generator lives (a seed then gives the same numbers), then move to device."""
+    return generator.device if generator is not None else device
+
+
 def _randint(high, n, generator, device):
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)
+    return torch.randint(0, high, (n,), generator=generator, device=_generator_device(generator, device)).to(device)
+
+
+def _uniform(n, generator, device):
+    return torch.rand(n, generator=generator, device=_generator_device(generator, device)).to(device)
 
 
 def random_crop(images, padding=4, generator=None):
@@ -185,9 +193,7 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     in_x = (xs >= cx - size // 2) & (xs < cx + size - size // 2)
     hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]
     if p < 1:
-        gen_device = generator.device if generator is not None else images.device
-        chosen = torch.rand(n, generator=generator, device=gen_device).to(images.device) < p
-        hole = hole & chosen[:, None, None, None]
+        hole = hole & (_uniform(n, generator, images.device) < p)[:, None, None, None]
     return images.masked_fill(hole, fill)
 
 

@@ -170,7 +170,8 @@ def main(argv=None):
     parser.add_argument("--num-iter", type=train.positive_int, default=100, help="steps in the sweep (default 100)")
     parser.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
-    parser.add_argument("--cutout-p", type=train.probability, default=train.build_parser().get_default("cutout_p"),
+    parser.add_argument("--cutout-p", type=train.probability,
+                        default=train.build_parser().get_default("cutout_p"),
                         help="probability of the Cutout hole per image (default: train.py's)")
     parser.add_argument("--limit-train", type=train.positive_int, default=None, help="use only the first N training images")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")

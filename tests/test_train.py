@@ -131,7 +131,8 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     train.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
 
     reference = train.load_checkpoint(str(tmp_path / "full" / "last.pt"))
-    for name, command in [("int", hint[2:]), ("kill", ["--data-dir", cifar, "--device", "cpu", "--resume", tmp_path / "kill" / "last.pt"])]:
+    kill_command = ["--data-dir", cifar, "--device", "cpu", "--resume", tmp_path / "kill" / "last.pt"]
+    for name, command in [("int", hint[2:]), ("kill", kill_command)]:
         res = run_script("train.py", *command)
         assert res.returncode == 0, res.stderr
         resumed = train.load_checkpoint(str(tmp_path / name / "last.pt"))
