@@ -32,36 +32,40 @@ train() {  # train STEP [train.py flags...], then Grad-CAM on its best checkpoin
         in_time python3 gradcam.py --ckpt "$out/$name/best.pt" --data-dir .data
 }
 
+bench() {  # bench STEP [bench.py flags...]: 5 timed windows of 20 steps
+    local name=$1
+    shift
+    mkdir -p "$out/$name" &&
+        in_time python3 bench.py --data-dir .data --steps 20 --windows 5 "$@" --peak-tflops 790 \
+            --json "$out/$name/bench.json"
+}
+
 run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
-    local name=$1 recipe=$1 seed=0
+    local name=$1 recipe=$1 seed=0 flags
     if [[ $name =~ ^(.+)-seed([0-9]+)$ ]]; then
         recipe=${BASH_REMATCH[1]}
         seed=${BASH_REMATCH[2]}
     fi
     case $recipe in
-        default) train "$name" --seed "$seed" ;;
-        default-lr0.4) train "$name" --seed "$seed" --max-lr 0.4 ;;
-        default-compile) train "$name" --seed "$seed" --compile ;;
-        cutout1) train "$name" --seed "$seed" --cutout-p 1 ;;
-        cutout1-lr0.4) train "$name" --seed "$seed" --cutout-p 1 --max-lr 0.4 ;;
-        cutout1-ls0) train "$name" --seed "$seed" --cutout-p 1 --label-smoothing 0 ;;
-        cutout1-compile) train "$name" --seed "$seed" --cutout-p 1 --compile ;;
-        spec-recipe) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5 ;;
-        spec-recipe-auto) train "$name" --seed "$seed" $spec_flags --max-lr auto --wd 0 --cutout-p 0.5 ;;
-        spec-cutout1) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 0 --cutout-p 1 ;;
-        spec-cutout1-wd1e-4) train "$name" --seed "$seed" $spec_flags --max-lr 0.027 --wd 1e-4 --cutout-p 1 ;;
-        spec-cutout1-wd1e-4-auto) train "$name" --seed "$seed" $spec_flags --max-lr auto --wd 1e-4 --cutout-p 1 ;;
-        bench) mkdir -p "$out/$name" &&
-            in_time python3 bench.py --batch-size 512 --data-dir .data --steps 20 --windows 5 --ref-workers 8 \
-                --peak-tflops 790 --json "$out/$name/bench.json" ;;
-        bench-1024) mkdir -p "$out/$name" &&
-            in_time python3 bench.py --batch-size 1024 --data-dir .data --steps 20 --windows 5 --skip-reference \
-                --peak-tflops 790 --json "$out/$name/bench.json" ;;
-        bench-compile) mkdir -p "$out/$name" &&
-            in_time python3 bench.py --batch-size 512 --data-dir .data --steps 20 --windows 5 --compile \
-                --skip-reference --peak-tflops 790 --json "$out/$name/bench.json" ;;
+        default) flags="" ;;
+        default-lr0.4) flags="--max-lr 0.4" ;;
+        default-compile) flags="--compile" ;;
+        cutout1) flags="--cutout-p 1" ;;
+        cutout1-lr0.4) flags="--cutout-p 1 --max-lr 0.4" ;;
+        cutout1-ls0) flags="--cutout-p 1 --label-smoothing 0" ;;
+        cutout1-compile) flags="--cutout-p 1 --compile" ;;
+        spec-recipe) flags="$spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5" ;;
+        spec-recipe-auto) flags="$spec_flags --max-lr auto --wd 0 --cutout-p 0.5" ;;
+        spec-cutout1) flags="$spec_flags --max-lr 0.027 --wd 0 --cutout-p 1" ;;
+        spec-cutout1-wd1e-4) flags="$spec_flags --max-lr 0.027 --wd 1e-4 --cutout-p 1" ;;
+        spec-cutout1-wd1e-4-auto) flags="$spec_flags --max-lr auto --wd 1e-4 --cutout-p 1" ;;
+        bench) bench "$name" --batch-size 512 --ref-workers 8; return ;;
+        bench-1024) bench "$name" --batch-size 1024 --skip-reference; return ;;
+        bench-compile) bench "$name" --batch-size 512 --compile --skip-reference; return ;;
         *) echo "unknown step $1"; return 2 ;;
     esac
+    # shellcheck disable=SC2086
+    train "$name" --seed "$seed" $flags
 }
 
 {

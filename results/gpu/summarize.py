@@ -14,7 +14,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_record(path):
-    m = json.load(open(path))
+    with open(path) as f:
+        m = json.load(f)
     device, step = path.split(os.sep)[-3:-1]
     a = m["args"]
     epochs = m["epochs"]
