@@ -10,9 +10,12 @@ Both pipelines train the same ResNet18 at the same batch size on the same device
   RandomCrop(32, padding=4), Normalize, Cutout) in fp32, as the spec's notebook did.
 Images/s is the median over --windows timed windows of --steps steps, after --warmup steps.
 A benchmark, not a test: the numbers go to the terminal and, with --json, to a file.
+--profile PATH also records where the default step's time goes, op by op (torch.profiler):
+device time on CUDA, CPU time elsewhere.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -80,8 +83,39 @@ def timed_windows(step, batch_size, warmup, steps, windows, device):
     return rates
 
 
+def profile_ops(step, steps, device):
+    """Self time of every op over `steps` calls to step(), most expensive first, per step.
+
+    On CUDA an op's time is that of the kernels it launched, so the total is the GPU's busy time:
+    well below the step's wall time means launch-bound, close to it means the kernels must shrink.
+    """
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    on_cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    self_us = [(e.key, e.count, e.self_device_time_total if on_cuda else e.self_cpu_time_total)
+               for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    total = sum(us for _, _, us in self_us)
+    ops = [{"name": name, "calls_per_step": count / steps, "ms_per_step": us / steps / 1e3, "share": us / total}
+           for name, count, us in sorted(self_us, key=lambda op: -op[2]) if us > 0]
+    return {"time": "device" if on_cuda else "cpu", "steps": steps, "ms_per_step": total / steps / 1e3, "ops": ops}
+
+
+def print_profile(profile, top=15):
+    print(f"profile: {profile['ms_per_step']:.2f} ms of {profile['time']} time in ops per step of "
+          f"{profile['wall_ms_per_step']:.2f} ms (timed, unprofiled); the top {top} ops:")
+    for op in profile["ops"][:top]:
+        print(f"  {100 * op['share']:5.1f}%  {op['ms_per_step']:8.3f} ms  {op['calls_per_step']:6.1f} calls  "
+              f"{op['name'][:90]}")
+
+
 def default_path(images, labels, args, device):
-    """train.py's training step; returns (train rates, eval rates)."""
+    """train.py's training step; returns (train rates, eval rates, precision, profile or None)."""
     dtype = train.amp_dtype(device, not args.no_amp)
     torch.manual_seed(0)
     net = ResNet18().to(device, memory_format=torch.channels_last)
@@ -112,6 +146,7 @@ def default_path(images, labels, args, device):
 
     net.train()
     train_rates = timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
+    profile = profile_ops(step, args.steps, device) if args.profile else None
     eval_x = data.normalize(images[:args.eval_batch_size]).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
@@ -121,7 +156,7 @@ def default_path(images, labels, args, device):
 
     net.eval()
     eval_rates = timed_windows(eval_step, len(eval_x), 1, max(1, args.steps // 4), args.windows, device)
-    return train_rates, eval_rates, train.precision_name(dtype)
+    return train_rates, eval_rates, train.precision_name(dtype), profile
 
 
 def reference_path(images, labels, args, device):
@@ -177,7 +212,12 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=train.positive_float, default=None,
                         help="the device's peak TFLOP/s, to print the fraction achieved")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--profile", metavar="PATH", default=None,
+                        help="profile --steps more steps of the default path; write the time per op to this JSON file")
     args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
     device = train.resolve_device(args.device, parser)
     needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
     if args.data_dir:
@@ -196,7 +236,7 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
 
     print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
-    train_rates, eval_rates, precision = default_path(images, labels, args, device)
+    train_rates, eval_rates, precision, profile = default_path(images, labels, args, device)
     result = {"device": str(device), "device_name": train.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
               "compile": args.compile, "data": source, "date": time.strftime("%Y-%m-%d"),
@@ -205,6 +245,13 @@ def main(argv=None):
     print(f"default   ({precision}, channels_last{', compiled' if args.compile else ''}): "
           f"{result['default_images_per_s']:10,.0f} img/s train   {result['eval_images_per_s']:,.0f} img/s eval",
           flush=True)
+    if profile:
+        profile["wall_ms_per_step"] = 1e3 * args.batch_size / result["default_images_per_s"]
+        print_profile(profile)
+        with open(args.profile, "w") as f:
+            json.dump({"device": str(device), "device_name": result["device_name"], "torch": torch.__version__,
+                       "batch_size": args.batch_size, "precision": precision, "compile": args.compile, **profile},
+                      f, indent=1)
     if not args.skip_reference:
         ref_rates = reference_path(images, labels, args, device)
         result["reference_images_per_s"] = statistics.median(ref_rates)

@@ -1,4 +1,5 @@
 """The README's promises about set-up: two commands, and CI runs the test one verbatim."""
+import json
 import re
 
 import pytest
@@ -35,6 +36,34 @@ def test_bench_smoke():
                      "--ref-workers", "0", "--eval-batch-size", "8")
     assert res.returncode == 0, res.stderr
     assert "speed-up:" in res.stdout and "GFLOP forward per image" in res.stdout
+
+
+def test_bench_refuses_an_output_path_it_could_not_write_before_running():
+    res = run_script("bench.py", "--steps", "1", "--profile", "no/such/folder/profile.json", timeout=60)
+    assert res.returncode == 2
+    assert "--profile no/such/folder/profile.json: its folder does not exist" in res.stderr
+    assert "Traceback" not in res.stderr and "bench on" not in res.stdout
+
+
+def test_bench_profile_sees_every_layer_of_the_spec_table(tmp_path):
+    """One profiled step runs each of the spec's Conv2d and BatchNorm2d layers once forward and
+    once backward, and the convolutions, nearly all of the FLOPs, top the time."""
+    import bench
+    from test_resnet import SPEC, spec_table
+
+    if not SPEC.is_file():
+        pytest.skip(f"needs the spec's table in {SPEC}")
+    layers = [name.split("-")[0] for name in spec_table()]
+    bench.main(["--device", "cpu", "--steps", "2", "--warmup", "1", "--windows", "1", "--batch-size", "16",
+                "--skip-reference", "--eval-batch-size", "16", "--profile", str(tmp_path / "profile.json")])
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    calls = {op["name"]: op["calls_per_step"] for op in profile["ops"]}
+    assert calls["aten::convolution_backward"] == layers.count("Conv2d") == 20
+    assert calls["aten::native_batch_norm_backward"] == layers.count("BatchNorm2d") == 20
+    assert "convolution" in profile["ops"][0]["name"]
+    assert [op["ms_per_step"] for op in profile["ops"]] == sorted((op["ms_per_step"] for op in profile["ops"]),
+                                                                    reverse=True)
+    assert sum(op["share"] for op in profile["ops"]) == pytest.approx(1)
 
 
 def test_counted_flops_match_the_spec_table():

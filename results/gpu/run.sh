@@ -62,6 +62,7 @@ run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
         bench) bench "$name" --batch-size 512 --ref-workers 8; return ;;
         bench-1024) bench "$name" --batch-size 1024 --skip-reference; return ;;
         bench-compile) bench "$name" --batch-size 512 --compile --skip-reference; return ;;
+        profile) bench "$name" --batch-size 512 --skip-reference --profile "$out/$name/profile.json"; return ;;
         *) echo "unknown step $1"; return 2 ;;
     esac
     # shellcheck disable=SC2086
@@ -86,7 +87,7 @@ for step in "$@"; do
     lines=$(wc -l <"$log")
     run_step "$step" >>"$log" 2>&1
     status=$?
-    tail -n +$((lines + 1)) "$log" | grep -E "^(Best test|LR range test suggests|default |reference|speed-up|model:)|rror"
+    tail -n +$((lines + 1)) "$log" | grep -E "^(Best test|LR range test suggests|default |reference|speed-up|model:|profile:| +[0-9.]+% )|rror"
     echo "== $step: exit $status after $((SECONDS - step_start))s" | tee -a "$log"
     tar --exclude='*.pt' --exclude=results.tar.gz -czf /tmp/results.tar.gz -C "$out" . &&
         mv /tmp/results.tar.gz "$out/results.tar.gz"
