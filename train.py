@@ -114,7 +114,8 @@ def build_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision: bf16 (fp16 + GradScaler on older GPUs), bf16 on CPUs that "
                         "support it; --no-amp trains in fp32 (default on)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (fastest on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (off by default: it trained slower than eager on the H100 and H200)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument("--limit-train", type=positive_int, default=None, help="train on the first N images only")
     p.add_argument("--limit-test", type=positive_int, default=None, help="test on the first N images only")
