@@ -158,26 +158,31 @@ def main(argv=None):
     import train
     from resnet import ResNet18
 
+    recipe = train.build_parser()  # train.py's defaults, so the curve is the one --max-lr auto sees
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download CIFAR-10 into --data-dir if it is missing (default on)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer type (default sgd)")
-    parser.add_argument("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
-    parser.add_argument("--batch-size", type=train.positive_int, default=512, help="batch size (default 512)")
+    parser.add_argument("--wd", type=train.non_negative_float, default=recipe.get_default("wd"),
+                        help="weight decay (default: train.py's)")
+    parser.add_argument("--label-smoothing", type=train.fraction, default=recipe.get_default("label_smoothing"),
+                        help="label smoothing of the loss (default: train.py's)")
+    parser.add_argument("--batch-size", type=train.positive_int, default=recipe.get_default("batch_size"),
+                        help="batch size (default: train.py's)")
     parser.add_argument("--start-lr", type=train.positive_float, default=1e-7, help="first LR (default 1e-7)")
     parser.add_argument("--end-lr", type=train.positive_float, default=10.0, help="last LR (default 10)")
     parser.add_argument("--num-iter", type=train.positive_int, default=100, help="steps in the sweep (default 100)")
     parser.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
-    parser.add_argument("--cutout-p", type=train.probability,
-                        default=train.build_parser().get_default("cutout_p"),
+    parser.add_argument("--cutout-p", type=train.probability, default=recipe.get_default("cutout_p"),
                         help="probability of the Cutout hole per image (default: train.py's)")
     parser.add_argument("--limit-train", type=train.positive_int, default=None, help="use only the first N training images")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="mixed precision where supported (default on)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the sweep is the one train.py --max-lr auto runs with this --seed (default 0)")
     parser.add_argument("--out", default="lr_range", help="folder for lr_range.png and lr_range.json")
     args = parser.parse_args(argv)
     if args.num_iter < 2:
@@ -199,10 +204,11 @@ def main(argv=None):
     optimizer = train.make_optimizer(model, args.optimizer, args.start_lr, args.wd)
     print(f"LR range test: {args.optimizer}, {args.start_lr:g} to {args.end_lr:g} over {args.num_iter} steps "
           f"on {device} ({train.precision_name(amp_dtype)})")
-    result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(),
-                           train.lr_range_batches(images.to(device), labels.to(device), args.batch_size, args.seed),
+    draws = args.seed + 1  # as train.py seeds its range test's batches and augmentation
+    result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+                           train.lr_range_batches(images.to(device), labels.to(device), args.batch_size, draws),
                            args.start_lr, args.end_lr, args.num_iter, args.step_mode,
-                           amp_dtype=amp_dtype, transform=train.augmenter(args.seed, device, not args.no_flip,
+                           amp_dtype=amp_dtype, transform=train.augmenter(draws, device, not args.no_flip,
                                                                      args.cutout_p))
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     with open(os.path.join(args.out, "lr_range.json"), "w") as f:

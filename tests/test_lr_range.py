@@ -111,3 +111,10 @@ def test_cli_writes_plot_and_json(cifar, tmp_path):
     curve = json.loads((tmp_path / "lr_range.json").read_text())
     assert len(curve["lrs"]) == len(curve["losses"]) <= 12 and curve["lrs"][0] == 1e-7
     assert (tmp_path / "lr_range.png").is_file()
+
+
+@pytest.mark.parametrize("flag", [["--wd", "-1"], ["--label-smoothing", "1"]])
+def test_cli_refuses_bad_values_in_one_line(flag, tmp_path):
+    res = run_script("lr_range.py", *flag, "--out", tmp_path, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"argument {flag[0]}: must" in res.stderr

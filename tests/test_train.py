@@ -257,3 +257,11 @@ def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
     assert len(metrics["lr_range"]["lrs"]) <= 12
     assert (out / "lr_range.png").is_file()
     assert train.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
+    # lr_range.py on its own, with the same flags and seed, sweeps the same curve
+    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
+                     "--num-iter", "12", "--device", "cpu", "--out", tmp_path / "alone")
+    assert res.returncode == 0, res.stderr
+    alone = json.loads((tmp_path / "alone" / "lr_range.json").read_text())
+    assert alone["lrs"] == metrics["lr_range"]["lrs"]
+    assert alone["losses"] == pytest.approx(metrics["lr_range"]["losses"], rel=1e-4)
+    assert alone["suggested_lr"] == metrics["max_lr"]
