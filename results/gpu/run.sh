@@ -72,6 +72,7 @@ run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    echo "kernel $(uname -r); host CPU: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
     python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
     [ -d .data/cifar-10-batches-py ] || python3 .data/build_batches.py .data
 } 2>&1 | tee -a "$log"
