@@ -204,12 +204,11 @@ def main(argv=None):
     optimizer = train.make_optimizer(model, args.optimizer, args.start_lr, args.wd)
     print(f"LR range test: {args.optimizer}, {args.start_lr:g} to {args.end_lr:g} over {args.num_iter} steps "
           f"on {device} ({train.precision_name(amp_dtype)})")
-    draws = args.seed + 1  # as train.py seeds its range test's batches and augmentation
+    batches, augment = train.lr_range_inputs(images.to(device), labels.to(device), args.batch_size, args.seed,
+                                             not args.no_flip, args.cutout_p)
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                           train.lr_range_batches(images.to(device), labels.to(device), args.batch_size, draws),
-                           args.start_lr, args.end_lr, args.num_iter, args.step_mode,
-                           amp_dtype=amp_dtype, transform=train.augmenter(draws, device, not args.no_flip,
-                                                                     args.cutout_p))
+                           batches, args.start_lr, args.end_lr, args.num_iter, args.step_mode,
+                           amp_dtype=amp_dtype, transform=augment)
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     with open(os.path.join(args.out, "lr_range.json"), "w") as f:
         json.dump({"args": vars(args), **result.to_dict()}, f, indent=1)

@@ -215,18 +215,20 @@ def device_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def augmenter(seed, device, use_flip=True, cutout_p=1.0):
-    """The training augmentation as a one-argument function with its own seeded generator."""
-    generator = device_generator(device, seed)
-    return lambda images: data.train_transform(images, generator, use_flip, cutout_p).contiguous(
-        memory_format=torch.channels_last)
+def lr_range_inputs(images, labels, batch_size, seed, use_flip, cutout_p):
+    """The LR range test's endless shuffled batches and their augmentation, both seeded with
+    seed + 1: apart from training's draws, and the same for --max-lr auto and lr_range.py."""
+    order = torch.Generator().manual_seed(seed + 1)
+    generator = device_generator(images.device, seed + 1)
 
+    def batches():
+        while True:
+            yield from data.batches(images, labels, batch_size, True, order, drop_last=True)
 
-def lr_range_batches(images, labels, batch_size, seed):
-    """Endless shuffled training batches for the LR range test."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from data.batches(images, labels, batch_size, True, generator, drop_last=True)
+    def augment(x):
+        return data.train_transform(x, generator, use_flip, cutout_p).contiguous(memory_format=torch.channels_last)
+
+    return batches(), augment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,10 +510,10 @@ def _train(args, ckpt, device, rank, world):
     elif args.max_lr == "auto":
         log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...",
             flush=True)
-        result = lr_range_test(net, make_optimizer(net, args.optimizer, 1e-7, args.wd), criterion,
-                               lr_range_batches(train_x, train_y, local_batch, args.seed + 1 + rank),
-                               num_iter=max(2, args.lr_range_steps), amp_dtype=dtype,
-                               transform=augmenter(args.seed + 1 + rank, device, not args.no_flip, args.cutout_p))
+        batches, augment = lr_range_inputs(train_x, train_y, local_batch, args.seed + rank, not args.no_flip,
+                                           args.cutout_p)
+        result = lr_range_test(net, make_optimizer(net, args.optimizer, 1e-7, args.wd), criterion, batches,
+                               num_iter=max(2, args.lr_range_steps), amp_dtype=dtype, transform=augment)
         max_lr = broadcast_value(result.suggested_lr, world)
         lr_range = result.to_dict()
         if main_process:
