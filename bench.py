@@ -248,10 +248,9 @@ def main(argv=None):
     if profile:
         profile["wall_ms_per_step"] = 1e3 * args.batch_size / result["default_images_per_s"]
         print_profile(profile)
+        run = {key: result[key] for key in ("device", "device_name", "torch", "batch_size", "precision", "compile")}
         with open(args.profile, "w") as f:
-            json.dump({"device": str(device), "device_name": result["device_name"], "torch": torch.__version__,
-                       "batch_size": args.batch_size, "precision": precision, "compile": args.compile, **profile},
-                      f, indent=1)
+            json.dump({**run, **profile}, f, indent=1)
     if not args.skip_reference:
         ref_rates = reference_path(images, labels, args, device)
         result["reference_images_per_s"] = statistics.median(ref_rates)
