@@ -45,6 +45,24 @@ def test_amp_selects_the_autocast_dtype(monkeypatch):
     assert train.amp_dtype(torch.device("mps")) is None
 
 
+def test_sgd_takes_nesterov_steps_with_weight_decay():
+    """Two steps against Nesterov momentum with L2 decay written out by hand (Sutskever et al. 2013,
+    in PyTorch's form): g = grad + wd * w; b = 0.9 * b + g; w -= lr * (g + 0.9 * b)."""
+    layer = torch.nn.Linear(3, 2)
+    optimizer = train.make_optimizer(layer, "sgd", lr=0.1, wd=0.01)
+    w, buf = layer.weight.detach().clone(), torch.zeros(2, 3)
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        grad = layer.weight.grad.clone()
+        optimizer.step()
+        g = grad + 0.01 * w
+        buf = 0.9 * buf + g
+        w = w - 0.1 * (g + 0.9 * buf)
+        torch.testing.assert_close(layer.weight.detach(), w)
+
+
 def test_fit_learns_and_writes_outputs(cifar, tmp_path):
     out = tmp_path / "run"
     history = tiny_fit(cifar, out, epochs=3, max_lr=0.02)
