@@ -37,12 +37,11 @@ def mirror_pad_crop(images, generator=None, padding=2):
 def spec_transform(images, generator=None, use_flip=False, cutout_p=0.5):
     """The spec's training augmentation for a uint8 batch; same signature as data.train_transform."""
     x = mirror_pad_crop(data.normalize(images), generator)
-    n, device = len(x), x.device
     hole = data.cutout(torch.ones_like(x[:, :1]), 16, 0.0, generator, p=0.5) == 0
-    mean = torch.tensor(data.MEAN, device=device).view(1, 3, 1, 1)
+    mean, _ = data._channel_stats(data.MEAN, data.STD, x.device)  # made once, not copied to the device per batch
     x = torch.where(hole, mean, x)
-    gray = (x * torch.tensor(LUMA, device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
-    to_gray = (data._uniform(n, generator, device) < 0.15)[:, None, None, None]
+    gray = sum(weight * x[:, c:c + 1] for c, weight in enumerate(LUMA)).expand_as(x)
+    to_gray = (data._uniform(len(x), generator, x.device) < 0.15)[:, None, None, None]
     return torch.where(to_gray, gray, x)
 
 
