@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import common
 import data
 import train
 from resnet import ResNet18
@@ -116,14 +117,15 @@ def print_profile(profile, top=15):
 
 def default_path(images, labels, args, device):
     """train.py's training step; returns (train rates, eval rates, precision, profile or None)."""
-    dtype = train.amp_dtype(device, not args.no_amp)
+    dtype = common.amp_dtype(device, not args.no_amp)
     torch.manual_seed(0)
     net = ResNet18().to(device, memory_format=torch.channels_last)
     model = torch.compile(net) if args.compile else net
-    optimizer = train.make_optimizer(net, "sgd", 0.05, 5e-4)
+    optimizer = common.make_optimizer(net, "sgd", 0.05, 5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=10**9)  # as train.py steps it
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = train.device_generator(device, 0)
+    generator = data.device_generator(device, 0)
     cutout_p = train.build_parser().get_default("cutout_p")
     images, labels = images.to(device), labels.to(device)
 
@@ -137,12 +139,7 @@ def default_path(images, labels, args, device):
     def step():
         idx = next(order)
         x = data.train_transform(images[idx], generator, True, cutout_p).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = criterion(model(x), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train.train_step(model, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
 
     net.train()
     train_rates = timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
@@ -151,12 +148,12 @@ def default_path(images, labels, args, device):
 
     @torch.no_grad()
     def eval_step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with common.autocast(device, dtype):
             model(eval_x).argmax(1)
 
     net.eval()
     eval_rates = timed_windows(eval_step, len(eval_x), 1, max(1, args.steps // 4), args.windows, device)
-    return train_rates, eval_rates, train.precision_name(dtype), profile
+    return train_rates, eval_rates, common.precision_name(dtype), profile
 
 
 def reference_path(images, labels, args, device):
@@ -198,18 +195,18 @@ def forward_flops_per_image(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=train.positive_int, default=128, help="training batch size (default 128)")
-    parser.add_argument("--eval-batch-size", type=train.positive_int, default=1024,
+    parser.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size (default 128)")
+    parser.add_argument("--eval-batch-size", type=common.positive_int, default=1024,
                         help="batch size for the eval timing (default 1024)")
-    parser.add_argument("--steps", type=train.positive_int, default=10, help="steps per timed window (default 10)")
+    parser.add_argument("--steps", type=common.positive_int, default=10, help="steps per timed window (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--windows", type=train.positive_int, default=3, help="timed windows (default 3)")
+    parser.add_argument("--windows", type=common.positive_int, default=3, help="timed windows (default 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the default path's model")
     parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
     parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 root; synthetic images of the same shape if not given")
-    parser.add_argument("--peak-tflops", type=train.positive_float, default=None,
+    parser.add_argument("--peak-tflops", type=common.positive_float, default=None,
                         help="the device's peak TFLOP/s, to print the fraction achieved")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", metavar="PATH", default=None,
@@ -218,7 +215,7 @@ def main(argv=None):
     for flag, path in (("--json", args.json), ("--profile", args.profile)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
-    device = train.resolve_device(args.device, parser)
+    device = common.resolve_device(args.device, parser)
     needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
     if args.data_dir:
         try:
@@ -237,7 +234,7 @@ def main(argv=None):
 
     print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
     train_rates, eval_rates, precision, profile = default_path(images, labels, args, device)
-    result = {"device": str(device), "device_name": train.device_name(device),
+    result = {"device": str(device), "device_name": common.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
               "compile": args.compile, "data": source, "date": time.strftime("%Y-%m-%d"),
               "default_images_per_s": statistics.median(train_rates), "default_windows": train_rates,

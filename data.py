@@ -34,6 +34,10 @@ class DataError(Exception):
     """The data is missing or malformed; the message says which file and what to do."""
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A batch file names a callable that CIFAR-10's files never contain."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only what the official batch files contain: numpy arrays and plain builtins.
 
@@ -51,7 +55,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return np.dtype
         if (module, name) == ("_codecs", "encode"):
             return codecs.encode
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+        raise RefusedGlobal(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
 
 
 def _unpickle(path):
@@ -61,11 +65,12 @@ def _unpickle(path):
     try:
         with open(path, "rb") as f:
             obj = RestrictedUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{path} cannot be loaded safely ({e}); replace it with an official copy.") from None
+    except RefusedGlobal as e:
+        raise DataError(f"{path} was refused ({e}): it asks to run code when loaded. Delete the "
+                        f"{FOLDER} folder and download it again, or rebuild it from a copy you trust.") from None
     except Exception as e:
-        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                        f"delete the folder and download it again.") from None
+        raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); replace the {FOLDER} "
+                        f"folder with a good copy (delete it and the next run downloads it again).") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a CIFAR-10 batch dict ({name}).")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -144,6 +149,11 @@ def denormalize(images, mean=MEAN, std=STD):
     """Undo normalize for display: float images in 0..1."""
     mean, std = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() * std + mean).clamp(0, 1)
+
+
+def device_generator(device, seed):
+    """A seeded generator on the data's device, so augmentation draws never leave it."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _generator_device(generator, device):

@@ -4,23 +4,25 @@
 
 writes misclassified.png (the images, "Actual / Predicted"), gradcam.png (each image, the heatmap
 for the predicted class, i.e. why the model said it, and for the true class, i.e. where it saw
-evidence for the right answer) and misclassified.json, next to the checkpoint by default.
+evidence for the right answer), misclassified.json, and the test set's confusion matrix as
+confusion.png and confusion.json, next to the checkpoint by default. From a notebook,
+`gradcam.report(...)` does the same and returns the figures.
 
 The default target layer is layer3 (its last block): at 32x32 input layer4's map is only 4x4,
 so each heatmap cell covers an 8x8 patch and the maps are blobs; layer3's 8x8 map still comes
 after 14 of the 17 conv layers, deep enough to be class-specific, at twice the resolution.
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
-import train
 
 
 class GradCAM:
@@ -89,10 +91,13 @@ def cam_from(activations, gradients, size):
 
 
 def find_layer(model, name):
+    """The module called name; only layers with a spatial map qualify: convolutions and the blocks
+    and stages that hold them (conv1, layer3, layer3.1, layer3.1.conv2, ...)."""
     modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        choices = [n for n in modules if n.count(".") <= 1 and n.startswith("layer")]
-        raise train.UserError(f"unknown layer {name!r}; choose one of {', '.join(choices)}")
+    if name == "" or name not in modules or not any(isinstance(m, nn.Conv2d) for m in modules[name].modules()):
+        choices = [n for n in modules if n == "conv1" or (n.startswith("layer") and n.count(".") <= 1)]
+        raise common.UserError(f"--layer {name!r} is not a convolutional layer or block; choose one of "
+                               f"{', '.join(choices)} (or a convolution inside a block, such as layer3.1.conv2)")
     return modules[name]
 
 
@@ -115,6 +120,12 @@ def misclassified(probs, labels, count, seed=None):
     return wrong[:count]
 
 
+def confusion_matrix(predicted, labels, num_classes):
+    """counts[i][j]: test images of class i predicted as class j."""
+    flat = labels.long().cpu() * num_classes + predicted.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
 def overlay(image, cam, alpha):
     """An RGB image (H x W x 3 in [0, 1]) blended with the jet-coloured map."""
     from matplotlib import colormaps
@@ -123,37 +134,124 @@ def overlay(image, cam, alpha):
     return (1 - alpha) * image + alpha * heat
 
 
-def draw_misclassified(images, actual, predicted, path):
+def draw_misclassified(images, actual, predicted, path=None):
+    """The images in rows of up to 5, each titled "Actual / Predicted"; returns the Figure."""
     from matplotlib.figure import Figure
 
     cols = min(5, len(images))
     rows = -(-len(images) // cols)
-    fig = Figure(figsize=(2.4 * cols, 2.7 * rows))
+    fig = Figure(figsize=(2.2 * cols, 2.8 * rows), layout="constrained")  # constrained: titles stay inside
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
     for ax, image, a, p in zip(axes, images, actual, predicted):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"Actual: {a}\nPredicted: {p}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
+    return fig
 
 
-def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, alpha, layer, path):
+def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, alpha, layer, path=None):
+    """Per image: the image, the map for the predicted class and the map for the true class, with
+    one colour bar; returns the Figure. A map with no positive evidence at all is all zero (blue)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 2.5 * len(images)), layout="constrained")
+    fig = Figure(figsize=(8.2, 2.5 * len(images) + 0.4), layout="constrained")
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, (image, pm, tm, a, p, c) in enumerate(zip(images, pred_maps, true_maps, actual, predicted, confidence)):
         panels = [(image, f"Actual: {a}\nPredicted: {p} ({100 * c:.0f}%)"),
-                  (overlay(image, pm, alpha), f"Grad-CAM for '{p}'\n(why it said so)"),
-                  (overlay(image, tm, alpha), f"Grad-CAM for '{a}'\n(evidence for the truth)")]
+                  (overlay(image, pm, alpha), f"Grad-CAM for '{p}'\n" + evidence(pm, "why it said so")),
+                  (overlay(image, tm, alpha), f"Grad-CAM for '{a}'\n" + evidence(tm, "evidence for the truth"))]
         for ax, (picture, title) in zip(axes[row], panels):
             ax.imshow(picture, interpolation="bilinear" if picture is not image else "nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
+    fig.colorbar(ScalarMappable(cmap=colormaps["jet"]), ax=axes[:, 1:], shrink=min(1.0, 3 / len(images)),
+                 label="Grad-CAM (each map scaled to its maximum)")
     fig.suptitle(f"Grad-CAM on {layer}", fontsize=11)
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
+    return fig
+
+
+def evidence(cam, caption):
+    """A map that is zero everywhere means the layer holds no positive evidence for that class."""
+    return caption if cam.max() > 0 else "no positive evidence (all blue)"
+
+
+def draw_confusion(matrix, classes, path=None):
+    """The confusion matrix as counts, true class down, predicted across; returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    shown = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Confusion matrix ({int(matrix.sum()):,} test images)")
+    threshold = matrix.max() / 2
+    for i, row in enumerate(matrix.tolist()):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > threshold else "black")
+    fig.colorbar(shown, ax=ax, label="images")
+    save_png(fig, path)
+    return fig
+
+
+def save_png(fig, path, dpi=110):
+    if path is not None:
+        common.save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.5, seed=None, limit_test=None,
+           device="auto", download=True):
+    """Evaluate a checkpoint on the test set, then write (into out, default the checkpoint's folder)
+    and return the figures: {'summary', 'misclassified', 'gradcam', 'confusion'} (figures are None
+    when nothing was misclassified). Raises common.UserError or data.DataError with one sentence."""
+    device = common.resolve_device(device)
+    out = out or os.path.dirname(os.path.abspath(ckpt))
+    model, classes, mean, std = common.model_from_checkpoint(common.load_checkpoint(ckpt), device, ckpt)
+    find_layer(model, layer)
+    common.check_writable(out)
+    images, labels, _ = data.load_cifar10(data_dir, "test", download=download)
+    images, labels = images[:limit_test].to(device), labels[:limit_test].to(device)
+
+    probs = predict(model, images, mean, std)
+    accuracy = 100 * (probs.argmax(1) == labels).double().mean().item()
+    matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
+    chosen = misclassified(probs, labels, count, seed).to(device)
+    print(f"{ckpt}: {accuracy:.2f}% on {len(images):,} test images; {int((probs.argmax(1) != labels).sum())} "
+          f"misclassified")
+    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
+                "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
+               for i in chosen]
+    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(images), "test_accuracy": accuracy,
+               "misclassified": records}
+    common.save_json(os.path.join(out, "misclassified.json"), summary)
+    common.save_json(os.path.join(out, "confusion.json"), {"checkpoint": ckpt, "classes": classes,
+                                                           "rows": "actual", "columns": "predicted",
+                                                           "counts": matrix.tolist()})
+    figures = {"summary": summary, "misclassified": None, "gradcam": None,
+               "confusion": draw_confusion(matrix.numpy(), classes, os.path.join(out, "confusion.png"))}
+    if not records:
+        print(f"no misclassified images: nothing to draw (wrote misclassified.json with an empty list, "
+              f"confusion.png and confusion.json to {out})")
+        return figures
+
+    x = data.normalize(images[chosen], mean, std).contiguous(memory_format=torch.channels_last)
+    with GradCAM(model, layer) as cam:
+        pred_maps, _ = cam(x, probs[chosen].argmax(1))
+        true_maps, _ = cam(x, labels[chosen])
+    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
+    actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]
+    figures["misclassified"] = draw_misclassified(pictures, actual, predicted, os.path.join(out, "misclassified.png"))
+    figures["gradcam"] = draw_gradcam(pictures, pred_maps.cpu().numpy(), true_maps.cpu().numpy(), actual, predicted,
+                                      [r["confidence"] for r in records], alpha, layer,
+                                      os.path.join(out, "gradcam.png"))
+    print(f"wrote misclassified.png, gradcam.png, confusion.png and their JSON files to {out}")
+    return figures
 
 
 def main(argv=None):
@@ -164,58 +262,24 @@ def main(argv=None):
                         help="download CIFAR-10 into --data-dir when it is missing (default on)")
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--layer", default="layer3",
-                        help="target layer by module name, e.g. layer3, layer4, layer3.0 (default layer3: "
-                             "an 8x8 map; layer4's is 4x4)")
-    parser.add_argument("--count", type=train.positive_int, default=10, help="images to show (default 10)")
+                        help="target layer by module name: conv1, layer1 to layer4, a block such as layer3.0, or a "
+                             "convolution in one (default layer3: an 8x8 map; layer4's is 4x4)")
+    parser.add_argument("--count", type=common.positive_int, default=10, help="images to show (default 10)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
     parser.add_argument("--seed", type=int, default=None,
                         help="pick a random set of misclassified images with this seed (default: the first ones)")
-    parser.add_argument("--limit-test", type=train.positive_int, default=None, help="search only the first N test images")
+    parser.add_argument("--limit-test", type=common.positive_int, default=None,
+                        help="search only the first N test images")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
         parser.error("--alpha must lie between 0 and 1")
-    device = train.resolve_device(args.device, parser)
-    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    common.resolve_device(args.device, parser)
     try:
-        ckpt = train.load_checkpoint(args.ckpt)
-        model, classes = train.model_from_checkpoint(ckpt, device, args.ckpt)
-        find_layer(model, args.layer)
-        mean, std = tuple(ckpt.get("mean") or data.MEAN), tuple(ckpt.get("std") or data.STD)
-        train.check_writable(out)
-        images, labels, _ = data.load_cifar10(args.data_dir, "test", download=args.download)
-    except (train.UserError, data.DataError) as e:
+        return report(args.ckpt, args.data_dir, args.out, args.layer, args.count, args.alpha, args.seed,
+                      args.limit_test, args.device, args.download)["summary"]
+    except (common.UserError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    images, labels = images[:args.limit_test].to(device), labels[:args.limit_test].to(device)
-
-    probs = predict(model, images, mean, std)
-    accuracy = 100 * (probs.argmax(1) == labels).double().mean().item()
-    chosen = misclassified(probs, labels, args.count, args.seed).to(device)
-    print(f"{args.ckpt}: {accuracy:.2f}% on {len(images):,} test images; "
-          f"{int((probs.argmax(1) != labels).sum())} misclassified")
-    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
-                "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
-               for i in chosen]
-    summary = {"checkpoint": args.ckpt, "layer": args.layer, "test_images": len(images),
-               "test_accuracy": accuracy, "misclassified": records}
-    with open(os.path.join(out, "misclassified.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if not records:
-        print("no misclassified images: nothing to draw (wrote misclassified.json with an empty list)")
-        return summary
-
-    x = data.normalize(images[chosen], mean, std).contiguous(memory_format=torch.channels_last)
-    with GradCAM(model, args.layer) as cam:
-        pred_maps, _ = cam(x, probs[chosen].argmax(1))
-        true_maps, _ = cam(x, labels[chosen])
-    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
-    actual = [r["actual"] for r in records]
-    predicted = [r["predicted"] for r in records]
-    draw_misclassified(pictures, actual, predicted, os.path.join(out, "misclassified.png"))
-    draw_gradcam(pictures, pred_maps.cpu().numpy(), true_maps.cpu().numpy(), actual, predicted,
-                 [r["confidence"] for r in records], args.alpha, args.layer, os.path.join(out, "gradcam.png"))
-    print(f"wrote misclassified.png, gradcam.png and misclassified.json to {out}")
-    return summary
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ ends when looking for the steepest slope), so the curve looks like the one users
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -18,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
+import common
+import data
+from resnet import ResNet18
 
 
 @dataclass
@@ -100,7 +103,7 @@ def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 loss = criterion(model(inputs), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -127,8 +130,9 @@ def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10
     return result
 
 
-def plot_lr_range(result, path):
-    """Loss against LR (log axis for the exponential sweep) with the suggestion marked."""
+def plot_lr_range(result, path=None):
+    """Loss against LR (log axis for the exponential sweep) with the suggestion marked; returns the
+    Figure (a notebook shows it) and writes it to path as a PNG when one is given."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
@@ -150,68 +154,85 @@ def plot_lr_range(result, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if path is not None:
+        common.save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return fig
+
+
+def lr_range_inputs(images, labels, batch_size, seed, use_flip, cutout_p):
+    """The range test's endless shuffled batches and their augmentation (train.py's), both seeded
+    with seed + 1: apart from training's draws, and the same for train.py --max-lr auto and here."""
+    order = torch.Generator().manual_seed(seed + 1)
+    generator = data.device_generator(images.device, seed + 1)
+
+    def batches():
+        while True:
+            yield from data.batches(images, labels, batch_size, True, order, drop_last=True)
+
+    def augment(x):
+        return data.train_transform(x, generator, use_flip, cutout_p).contiguous(memory_format=torch.channels_last)
+
+    return batches(), augment
+
+
+def build_parser():
+    """Defaults are train.py's (a test checks it), so the curve is the one --max-lr auto sees."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download CIFAR-10 into --data-dir if it is missing (default on)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer type (default sgd)")
+    p.add_argument("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
+    p.add_argument("--label-smoothing", type=common.fraction, default=0.1,
+                   help="label smoothing of the loss (default 0.1)")
+    p.add_argument("--batch-size", type=common.positive_int, default=512, help="batch size (default 512)")
+    p.add_argument("--start-lr", type=common.positive_float, default=1e-7, help="first LR (default 1e-7)")
+    p.add_argument("--end-lr", type=common.positive_float, default=10.0, help="last LR (default 10)")
+    p.add_argument("--num-iter", type=common.positive_int, default=100, help="steps in the sweep (default 100)")
+    p.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
+    p.add_argument("--cutout-p", type=common.probability, default=0.5,
+                   help="probability of the Cutout hole per image (default 0.5)")
+    p.add_argument("--limit-train", type=common.positive_int, default=None,
+                   help="use only the first N training images")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision where supported (default on)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; the sweep is the one train.py --max-lr auto runs with this --seed (default 0)")
+    p.add_argument("--out", default="lr_range", help="folder for lr_range.png and lr_range.json (default ./lr_range)")
+    return p
 
 
 def main(argv=None):
-    import data
-    import train
-    from resnet import ResNet18
-
-    recipe = train.build_parser()  # train.py's defaults, so the curve is the one --max-lr auto sees
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
-    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="download CIFAR-10 into --data-dir if it is missing (default on)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer type (default sgd)")
-    parser.add_argument("--wd", type=train.non_negative_float, default=recipe.get_default("wd"),
-                        help="weight decay (default: train.py's)")
-    parser.add_argument("--label-smoothing", type=train.fraction, default=recipe.get_default("label_smoothing"),
-                        help="label smoothing of the loss (default: train.py's)")
-    parser.add_argument("--batch-size", type=train.positive_int, default=recipe.get_default("batch_size"),
-                        help="batch size (default: train.py's)")
-    parser.add_argument("--start-lr", type=train.positive_float, default=1e-7, help="first LR (default 1e-7)")
-    parser.add_argument("--end-lr", type=train.positive_float, default=10.0, help="last LR (default 10)")
-    parser.add_argument("--num-iter", type=train.positive_int, default=100, help="steps in the sweep (default 100)")
-    parser.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
-    parser.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
-    parser.add_argument("--cutout-p", type=train.probability, default=recipe.get_default("cutout_p"),
-                        help="probability of the Cutout hole per image (default: train.py's)")
-    parser.add_argument("--limit-train", type=train.positive_int, default=None, help="use only the first N training images")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="mixed precision where supported (default on)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed; the sweep is the one train.py --max-lr auto runs with this --seed (default 0)")
-    parser.add_argument("--out", default="lr_range", help="folder for lr_range.png and lr_range.json")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_iter < 2:
         parser.error("--num-iter must be at least 2")
     if args.end_lr <= args.start_lr:
         parser.error("--end-lr must be larger than --start-lr")
-    device = train.resolve_device(args.device, parser)
+    device = common.resolve_device(args.device, parser)
     try:
-        os.makedirs(args.out, exist_ok=True)
-        train.check_writable(args.out)
+        common.check_writable(args.out)
         images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
-    except (data.DataError, train.UserError) as e:
+    except (data.DataError, common.UserError) as e:
         sys.exit(f"error: {e}")
-    if args.limit_train:
-        images, labels = images[:args.limit_train], labels[:args.limit_train]
-    amp_dtype = train.amp_dtype(device, args.amp)
+    images, labels = images[:args.limit_train], labels[:args.limit_train]
+    if args.batch_size > len(images):
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    amp_dtype = common.amp_dtype(device, args.amp)
     torch.manual_seed(args.seed)
     model = ResNet18().to(device, memory_format=torch.channels_last)
-    optimizer = train.make_optimizer(model, args.optimizer, args.start_lr, args.wd)
+    optimizer = common.make_optimizer(model, args.optimizer, args.start_lr, args.wd)
     print(f"LR range test: {args.optimizer}, {args.start_lr:g} to {args.end_lr:g} over {args.num_iter} steps "
-          f"on {device} ({train.precision_name(amp_dtype)})")
-    batches, augment = train.lr_range_inputs(images.to(device), labels.to(device), args.batch_size, args.seed,
-                                             not args.no_flip, args.cutout_p)
+          f"on {device} ({common.precision_name(amp_dtype)})")
+    batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, args.seed,
+                                       not args.no_flip, args.cutout_p)
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                            batches, args.start_lr, args.end_lr, args.num_iter, args.step_mode,
                            amp_dtype=amp_dtype, transform=augment)
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
-    with open(os.path.join(args.out, "lr_range.json"), "w") as f:
-        json.dump({"args": vars(args), **result.to_dict()}, f, indent=1)
+    common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print(f"suggested max LR (steepest slope): {result.suggested_lr:.3g}; minimum loss at {result.min_loss_lr:.3g}, "
           f"a tenth of that is {result.min_loss_lr_div10:.3g}")
     print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import common
 import data
 import train
 from conftest import REPO, run_script
@@ -30,7 +31,7 @@ def test_torchrun_two_cpu_processes(cifar, tmp_path):
     # model: both processes test with rank 0's BN statistics, the ones in best.pt (the high
     # --max-lr makes the two processes' statistics far apart, about 4% in test loss)
     assert "Accuracy: " in res.stdout and "/100 (" in res.stdout
-    model, _ = train.model_from_checkpoint(train.load_checkpoint(str(out / "best.pt")))
+    model, *_ = common.model_from_checkpoint(common.load_checkpoint(str(out / "best.pt")))
     test_x, test_y, _ = data.load_cifar10(cifar, "test")
     alone = train.evaluate(model, test_x[:100], test_y[:100], 100)
     assert alone["accuracy"] == epoch["test_acc"]

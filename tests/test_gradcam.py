@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import gradcam
 from conftest import run_script
@@ -98,9 +100,57 @@ def test_zero_map_stays_zero():
     assert torch.equal(maps[0], torch.zeros(32, 32)) and maps[1].max() == 1 and torch.isfinite(maps).all()
 
 
-def test_unknown_layer_is_a_clear_error(model):
-    with pytest.raises(Exception, match="unknown layer 'layer9'.*layer3"):
-        GradCAM(model, "layer9")
+@pytest.mark.parametrize("layer", ["layer9", "linear", "bn1", ""])
+def test_a_layer_without_a_spatial_map_is_a_clear_error(model, layer):
+    with pytest.raises(common.UserError, match=f"--layer '{layer}' is not a convolutional layer.*conv1, layer1"):
+        GradCAM(model, layer)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "layer2", "layer3.1", "layer3.1.conv2", "layer2.0.shortcut"])
+def test_every_convolutional_layer_or_block_gives_maps(model, layer):
+    with GradCAM(model, layer) as cam:
+        maps, _ = cam(torch.randn(2, 3, 32, 32))
+    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
+
+
+def test_confusion_matrix_counts_each_pair():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 2, 0, 2])
+    expected = [[0] * 3 for _ in range(3)]
+    for actual, guess in zip(labels.tolist(), predicted.tolist()):
+        expected[actual][guess] += 1
+    assert gradcam.confusion_matrix(predicted, labels, 3).tolist() == expected == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def _titles_inside(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    titles = [ax.title for ax in fig.axes if ax.get_title()]
+    assert titles
+    for title in titles:
+        extent = title.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, \
+            title.get_text()
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 10])
+def test_figure_titles_fit_inside_the_figure(count):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    images = np.random.default_rng(0).random((count, 32, 32, 3))
+    names = ["automobile"] * count
+    fig = gradcam.draw_misclassified(images, names, ["truck"] * count)
+    FigureCanvasAgg(fig)
+    _titles_inside(fig)
+    maps = np.random.default_rng(1).random((count, 32, 32))
+    fig = gradcam.draw_gradcam(images, maps, np.zeros_like(maps), names, ["truck"] * count, [0.9] * count, 0.5,
+                               "layer3")
+    FigureCanvasAgg(fig)
+    _titles_inside(fig)
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    blank = [ax.get_title() for ax in fig.axes if "no positive evidence" in ax.get_title()]
+    assert len(blank) == count  # every all-zero map says why it is blue
 
 
 def _save_random_checkpoint(path):
@@ -114,10 +164,13 @@ def test_command_writes_figures_and_json(cifar, tmp_path):
     res = run_script("gradcam.py", "--ckpt", tmp_path / "random.pt", "--data-dir", cifar, "--limit-test", "200",
                      "--device", "cpu", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
-    for name in ["misclassified.png", "gradcam.png"]:
+    for name in ["misclassified.png", "gradcam.png", "confusion.png"]:
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    confusion = json.loads((tmp_path / "out" / "confusion.json").read_text())
+    assert confusion["classes"] == list(data.CLASSES) and sum(map(sum, confusion["counts"])) == 200
     summary = json.loads((tmp_path / "out" / "misclassified.json").read_text())
     records = summary["misclassified"]
+    assert sum(confusion["counts"][i][i] for i in range(10)) == round(2 * summary["test_accuracy"])
     assert len(records) == 10 and [r["index"] for r in records] == sorted(r["index"] for r in records)
     _, labels, _ = data.load_cifar10(cifar, "test")
     for r in records:
@@ -153,7 +206,8 @@ def test_perfect_model_is_handled(cifar, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("corrupt", "truncated or corrupt"),
-    ("other", "does not fit a CIFAR ResNet18"), ("layer", "unknown layer"),
+    ("other", "does not fit a CIFAR ResNet18"), ("layer", "is not a convolutional layer"),
+    ("linear", "is not a convolutional layer"), ("folder", "is a folder"),
 ])
 def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
     path = tmp_path / "c.pt"
@@ -161,8 +215,10 @@ def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
         path.write_bytes(b"not a checkpoint")
     elif case == "other":
         torch.save({"model": ResNet18(num_classes=100).state_dict()}, path)
-    elif case == "layer":
+    elif case in ("layer", "linear"):
         _save_random_checkpoint(path)
-    res = run_script("gradcam.py", "--ckpt", path, "--layer", "layer9" if case == "layer" else "layer3",
-                     "--data-dir", tmp_path)
+    elif case == "folder":
+        path = tmp_path
+    layer = {"layer": "layer9", "linear": "linear"}.get(case, "layer3")
+    res = run_script("gradcam.py", "--ckpt", path, "--layer", layer, "--data-dir", tmp_path)
     assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 
 from conftest import run_script
+import lr_range
+import train
 from lr_range import LRRangeResult, lr_range_test, lr_schedule, plot_lr_range, steepest_index
 from resnet import ResNet18
 
@@ -118,3 +120,12 @@ def test_cli_refuses_bad_values_in_one_line(flag, tmp_path):
     res = run_script("lr_range.py", *flag, "--out", tmp_path, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"argument {flag[0]}: must" in res.stderr
+
+
+def test_cli_defaults_are_train_py_defaults():
+    """lr_range.py writes its defaults as literals (it does not import train.py); they must stay
+    the recipe train.py --max-lr auto sweeps with."""
+    mine, theirs = lr_range.build_parser(), train.build_parser()
+    for key in ("optimizer", "wd", "label_smoothing", "batch_size", "cutout_p", "no_flip", "seed", "data_dir",
+                "device", "amp", "download", "limit_train"):
+        assert mine.get_default(key) == theirs.get_default(key), key

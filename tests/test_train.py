@@ -1,6 +1,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import common
 import data
 import train
 from conftest import REPO, run_script
@@ -31,25 +33,33 @@ def test_help_lists_every_option():
         assert flag in res.stdout, flag
 
 
-def test_amp_selects_the_autocast_dtype(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.amp_dtype(cpu, amp=False) is None and train.amp_dtype(cuda, amp=False) is None
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: True)
-    assert train.amp_dtype(cpu) is torch.bfloat16
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
-    assert train.amp_dtype(cpu) is None
+def test_amp_selects_the_autocast_dtype_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert common.amp_dtype(cpu, amp=False) is None and common.amp_dtype(torch.device("cuda"), amp=False) is None
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
+    assert common.amp_dtype(cpu) is torch.bfloat16
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: False)
+    assert common.amp_dtype(cpu) is None
+    assert common.amp_dtype(torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_gpus_without_bf16_units_get_fp16_with_a_grad_scaler(monkeypatch, capability, dtype):
+    """V100 (7.0) and Colab's T4 (7.5) emulate bf16, which torch.cuda.is_bf16_supported() counts as
+    support; they must train in fp16 with a GradScaler. A100 (8.0) and H100 (9.0) get bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.amp_dtype(cuda) is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.amp_dtype(cuda) is torch.float16
-    assert train.amp_dtype(torch.device("mps")) is None
+    chosen = common.amp_dtype(torch.device("cuda"))
+    assert chosen is dtype
+    assert common.precision_name(chosen) == ("fp16 autocast + GradScaler" if capability < (8, 0) else "bf16 autocast")
 
 
 def test_sgd_takes_nesterov_steps_with_weight_decay():
     """Two steps against Nesterov momentum with L2 decay written out by hand (Sutskever et al. 2013,
     in PyTorch's form): g = grad + wd * w; b = 0.9 * b + g; w -= lr * (g + 0.9 * b)."""
     layer = torch.nn.Linear(3, 2)
-    optimizer = train.make_optimizer(layer, "sgd", lr=0.1, wd=0.01)
+    optimizer = common.make_optimizer(layer, "sgd", lr=0.1, wd=0.01)
     w, buf = layer.weight.detach().clone(), torch.zeros(2, 3)
     x = torch.tensor([[1.0, -2.0, 0.5]])
     for _ in range(2):
@@ -81,7 +91,7 @@ def test_fit_learns_and_writes_outputs(cifar, tmp_path):
 def test_shortest_onecycle_runs_and_shorter_is_a_clear_error(cifar, tmp_path):
     history = tiny_fit(cifar, tmp_path / "three", epochs=1, limit_train=384)  # 3 steps of 128
     assert len(history) == 1 and history[0]["train_images"] == 384
-    with pytest.raises(train.UserError, match="only 2 training steps: OneCycle needs at least 3"):
+    with pytest.raises(common.UserError, match="only 2 training steps: OneCycle needs at least 3"):
         tiny_fit(cifar, tmp_path / "two", epochs=1, limit_train=256)
 
 
@@ -98,25 +108,26 @@ def test_curves_say_when_the_train_loss_is_against_smoothed_targets(tmp_path, sm
 def test_checkpoint_round_trip(cifar, tmp_path):
     out = tmp_path / "run"
     history = tiny_fit(cifar, out, epochs=1)
-    ckpt = train.load_checkpoint(str(out / "best.pt"))
+    ckpt = common.load_checkpoint(str(out / "best.pt"))
     assert ckpt["classes"] == list(data.CLASSES) and ckpt["mean"] == list(data.MEAN)
     assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 128 and ckpt["history"] == history
     assert {"optimizer", "scheduler", "scaler", "aug_generator"} <= set(ckpt)
-    model, classes = train.model_from_checkpoint(ckpt)
+    model, classes, mean, std = common.model_from_checkpoint(ckpt)
+    assert classes == list(data.CLASSES) and (mean, std) == (data.MEAN, data.STD)
     test_x, test_y, _ = data.load_cifar10(cifar, "test")
-    result = train.evaluate(model, test_x[:100], test_y[:100], 50, train.amp_dtype(torch.device("cpu")))
+    result = train.evaluate(model, test_x[:100], test_y[:100], 50, common.amp_dtype(torch.device("cpu")))
     assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
 
 
 def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
     # On the CPU: CUDA's convolution kernels are not bit-reproducible (PyTorch's reproducibility
     # notes), and its tiny steps finish the epoch before the Ctrl-C below can land mid-epoch.
-    common = ["train.py", "--data-dir", cifar, "--device", "cpu", "--epochs", "2", "--cutout-p", "1", *TINY]
-    full = run_script(*common, "--out", tmp_path / "full")
+    base = ["train.py", "--data-dir", cifar, "--device", "cpu", "--epochs", "2", "--cutout-p", "1", *TINY]
+    full = run_script(*base, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr
 
     def interrupted(out, wait_for, sig):
-        proc = subprocess.Popen([sys.executable, *map(str, common), "--out", str(out)], cwd=REPO, text=True,
+        proc = subprocess.Popen([sys.executable, *map(str, base), "--out", str(out)], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         lines = []
@@ -134,7 +145,7 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     hint = ["python", "train.py", "--resume", str(tmp_path / "int" / "last.pt"), "--data-dir", str(cifar),
             "--device", "cpu"]
     assert resume_line == ["Resume with: " + shlex.join(hint)]
-    saved = train.load_checkpoint(str(tmp_path / "int" / "last.pt"))
+    saved = common.load_checkpoint(str(tmp_path / "int" / "last.pt"))
     assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
     assert saved["partial"][2] == saved["step"] * 128 and saved["partial"][3] > 0
     saved["partial"][3] += 1000.0  # as if the steps before the stop had taken 1,000 s more
@@ -142,18 +153,18 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
 
     code, log = interrupted(tmp_path / "kill", "Epoch 2/2  step 1/4", signal.SIGKILL)
     assert code == -signal.SIGKILL
-    killed = train.load_checkpoint(str(tmp_path / "kill" / "last.pt"))
+    killed = common.load_checkpoint(str(tmp_path / "kill" / "last.pt"))
     assert killed["epoch"] == 1
     del killed["args"]["cutout_p"]  # as saved before --cutout-p existed: every image was cut
     torch.save(killed, tmp_path / "kill" / "last.pt")
-    train.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
+    common.load_checkpoint(str(tmp_path / "kill" / "best.pt"))
 
-    reference = train.load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    reference = common.load_checkpoint(str(tmp_path / "full" / "last.pt"))
     kill_command = ["--data-dir", cifar, "--device", "cpu", "--resume", tmp_path / "kill" / "last.pt"]
     for name, command in [("int", hint[2:]), ("kill", kill_command)]:
         res = run_script("train.py", *command)
         assert res.returncode == 0, res.stderr
-        resumed = train.load_checkpoint(str(tmp_path / name / "last.pt"))
+        resumed = common.load_checkpoint(str(tmp_path / name / "last.pt"))
         assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
         for key, value in reference["model"].items():
             assert torch.equal(value, resumed["model"][key]), (name, key)
@@ -188,9 +199,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeyp
     out = tmp_path / "run"
     with pytest.raises(train.NonFiniteLoss, match="epoch 2, step 1;.*lower --max-lr"):
         tiny_fit(cifar, out, epochs=2)
-    last = train.load_checkpoint(str(out / "last.pt"))
+    last = common.load_checkpoint(str(out / "last.pt"))
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert train.load_checkpoint(str(out / "best.pt"))["epoch"] == 1
+    assert common.load_checkpoint(str(out / "best.pt"))["epoch"] == 1
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
 
 
@@ -224,7 +235,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 def test_unwritable_output_is_refused_before_training(cifar, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(train.UserError, match="cannot write"):
+    with pytest.raises(common.UserError, match="cannot write"):
         tiny_fit(cifar, tmp_path / "file" / "run", epochs=1)
 
 
@@ -235,7 +246,7 @@ def test_missing_data_without_download_is_one_clear_error(tmp_path):
 
 def test_tensorboard_missing_is_a_clear_error(cifar, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(train.UserError, match="pip install tensorboard"):
+    with pytest.raises(common.UserError, match="pip install tensorboard"):
         tiny_fit(cifar, tmp_path / "run", epochs=1, tensorboard=str(tmp_path / "tb"))
 
 
@@ -247,8 +258,8 @@ class Payload:
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": {}, "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(train.UserError, match="refused"):
-        train.load_checkpoint(str(tmp_path / "evil.pt"))
+    with pytest.raises(common.UserError, match="refused"):
+        common.load_checkpoint(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -258,13 +269,13 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
     torch.save(good, tmp_path / "good.pt")
     blob = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(train.UserError, match="truncated or corrupt"):
-        train.load_checkpoint(str(tmp_path / "cut.pt"))
+    with pytest.raises(common.UserError, match="truncated or corrupt"):
+        common.load_checkpoint(str(tmp_path / "cut.pt"))
     other = {"model": ResNet18(num_classes=100).state_dict(), "classes": list(data.CLASSES)}
-    with pytest.raises(train.UserError, match="does not fit a CIFAR ResNet18 with 10 classes"):
-        train.model_from_checkpoint(other)
-    with pytest.raises(train.UserError, match="does not exist"):
-        train.load_checkpoint(str(tmp_path / "none.pt"))
+    with pytest.raises(common.UserError, match="does not fit a CIFAR ResNet18 with 10 classes"):
+        common.model_from_checkpoint(other)
+    with pytest.raises(common.UserError, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
@@ -274,7 +285,7 @@ def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
     assert metrics["max_lr"] == metrics["lr_range"]["suggested_lr"] > 0
     assert len(metrics["lr_range"]["lrs"]) <= 12
     assert (out / "lr_range.png").is_file()
-    assert train.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
+    assert common.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
     # lr_range.py on its own, with the same flags and seed, sweeps the same curve
     res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
                      "--num-iter", "12", "--device", "cpu", "--out", tmp_path / "alone")
@@ -283,3 +294,97 @@ def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
     assert alone["lrs"] == metrics["lr_range"]["lrs"]
     assert alone["losses"] == pytest.approx(metrics["lr_range"]["losses"], rel=1e-4)
     assert alone["suggested_lr"] == metrics["max_lr"]
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_at_once(tmp_path):
+    folder = tmp_path / "run"
+    with train.RunFolder(str(folder), log=lambda *a: None):
+        with pytest.raises(common.UserError, match="another train.py is writing to .*run; wait for it"):
+            with train.RunFolder(str(folder)):
+                pass
+    with train.RunFolder(str(folder)):  # released on exit
+        pass
+
+
+def test_two_runs_into_one_folder_the_second_is_refused_and_the_first_finishes(cifar, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "train.py", "--data-dir", str(cifar), "--device", "cpu", "--epochs", "2",
+               *map(str, TINY), "--out", str(out)]
+    first = subprocess.Popen(command + ["--seed", "1"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in first.stdout:
+        if line.startswith("ResNet18 on"):  # the folder is locked and no checkpoint is written yet
+            break
+    second = run_script(*command[1:], "--seed", "2")
+    log = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, log
+    assert second.returncode in (1, 2) and "Traceback" not in second.stderr
+    assert "another train.py is writing to" in second.stderr or "already holds a run" in second.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["seed"] == 1 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+
+
+def test_a_folder_holding_only_a_killed_save_is_reused_and_cleaned(cifar, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.k2j3h4.tmp").write_bytes(b"half a checkpoint")
+    res = run_script("train.py", "--data-dir", cifar, "--device", "cpu", "--epochs", "1", *TINY, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "Removed 1 temp file(s)" in res.stdout
+    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.json"]
+
+
+def test_a_folder_without_last_pt_is_not_offered_for_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"x")
+    res = run_script("train.py", "--out", tmp_path / "run", timeout=120)
+    message = res.stderr.splitlines()[-1]
+    assert res.returncode == 2 and "already holds a run" in message and "--resume" not in message
+
+
+def test_resuming_a_finished_run_changes_nothing(cifar, tmp_path):
+    out = tmp_path / "run"
+    tiny_fit(cifar, out, epochs=1)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    res = run_script("train.py", "--resume", out / "last.pt", "--data-dir", cifar, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "is a finished run (1 of 1 epochs): nothing to resume and nothing changed" in res.stdout
+    assert "Resuming" not in res.stdout
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_resuming_an_earlier_checkpoint_needs_overwrite(cifar, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    end_epoch = train.end_epoch
+
+    def keep_epoch_1(state, *args):  # a copy of last.pt after epoch 1, like a best.pt from then
+        end_epoch(state, *args)
+        if state.epoch == 1:
+            shutil.copy(out / "last.pt", out / "epoch1.pt")
+
+    monkeypatch.setattr(train, "end_epoch", keep_epoch_1)
+    tiny_fit(cifar, out, epochs=2)
+    last = (out / "last.pt").read_bytes()
+    res = run_script("train.py", "--resume", out / "epoch1.pt", "--data-dir", cifar, "--device", "cpu")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "is epoch 1 of a run whose last.pt has reached epoch 2" in res.stderr and "--overwrite" in res.stderr
+    assert (out / "last.pt").read_bytes() == last
+    res = run_script("train.py", "--resume", out / "epoch1.pt", "--data-dir", cifar, "--device", "cpu",
+                     "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert "at epoch 2, step 0" in res.stdout and common.load_checkpoint(str(out / "last.pt"))["epoch"] == 2
+
+
+def test_one_epoch_curves_have_whole_number_ticks(tmp_path):
+    history = [{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "train_acc": 30.0, "test_acc": 31.0}]
+    fig = train.plot_curves(history, str(tmp_path / "curves.png"))
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks == [1.0]
+
+
+def test_peak_lr_follows_the_batch_size(cifar, tmp_path, capsys):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=384)
+    assert "Peak LR 0.05 = 0.2 x batch 128 / 512" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.05)

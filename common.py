@@ -1,0 +1,216 @@
+"""What every script must do the same way: argument types, device and precision, files and checkpoints.
+
+Imports only data.py and resnet.py, so train.py, lr_range.py, gradcam.py and bench.py can each be
+copied with this file, data.py and resnet.py. Nothing here keeps state between calls.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+
+import data
+from resnet import ResNet18
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, never as a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line argument types: argparse turns their ArgumentTypeError into a one-line usage error
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(name, parser=None):
+    """'auto' picks cuda, then mps, then cpu; an unavailable device is a one-line error
+    (parser.error when a parser is given, UserError otherwise)."""
+    def fail(message):
+        if parser is None:
+            raise UserError(message)
+        parser.error(message)
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name} asks for CUDA but no CUDA GPU is available; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        fail(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def device_name(device):
+    """What a person comparing numbers needs to know of the device: the GPU's name, or the cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
+def cpu_supports_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype for this device, or None for fp32.
+
+    bf16 only on GPUs with bf16 units (compute capability 8.0, Ampere, and later): on a T4 or V100
+    torch.cuda.is_bf16_supported() also counts emulation, which is slow, so those get fp16 (with a
+    GradScaler). CPUs get bf16 where oneDNN supports it.
+    """
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype):
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[dtype]
+
+
+def autocast(device, dtype):
+    """Mixed precision in dtype, or a no-op context for fp32 (dtype None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def make_optimizer(model, name, lr, wd):
+    """SGD with Nesterov momentum, or Adam; OneCycle cycles the momentum (Adam's beta1)."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints
+
+
+def save_atomic(path, write):
+    """write(f) into a temp file in the same folder, fsync, then os.replace: a crash at any
+    moment leaves either the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path, obj):
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def check_writable(folder):
+    """Make the folder and prove a file can be written there, before any long work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        save_atomic(os.path.join(folder, ".write-test"), lambda f: f.write(b"ok"))
+        os.unlink(os.path.join(folder, ".write-test"))
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}); choose another --out") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: a checkpoint that asks to run code is refused."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass a checkpoint file in it, such as {os.path.join(path, 'best.pt')}")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise UserError(f"{path} asks to run {unsafe.group(1)} when loaded and was refused; "
+                            f"only load checkpoints written by train.py") from None
+        raise UserError(f"{path} is truncated or corrupt (not a PyTorch checkpoint); use another "
+                        f"checkpoint (best.pt or last.pt) or train again") from None
+    except Exception as e:
+        raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); use another checkpoint "
+                        f"(best.pt or last.pt) or train again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path} is not a train.py checkpoint (no model state)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", path="checkpoint"):
+    """(model, classes, mean, std): a ResNet18 with the checkpoint's weights and the class names and
+    normalization it was trained with; another architecture or class count is refused."""
+    classes = list(ckpt.get("classes") or data.CLASSES)
+    if ckpt.get("arch", "ResNet18") != "ResNet18":
+        raise UserError(f"{path} holds a {ckpt.get('arch')}, not a ResNet18")
+    model = ResNet18(num_classes=len(classes))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        what = "shapes" if "size mismatch" in str(e) else "names"
+        raise UserError(f"{path} does not fit a CIFAR ResNet18 with {len(classes)} classes (its parameter "
+                        f"{what} differ); use a checkpoint written by train.py") from None
+    mean, std = tuple(ckpt.get("mean") or data.MEAN), tuple(ckpt.get("std") or data.STD)
+    return model.to(device, memory_format=torch.channels_last), classes, mean, std
