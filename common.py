@@ -95,10 +95,21 @@ def resolve_device(name, parser=None):
 
 
 def device_name(device):
-    """What a person comparing numbers needs to know of the device: the GPU's name, or the cores."""
+    """What a person comparing numbers needs to know of the device: the GPU's name, or the CPU's
+    model (where Linux says it) and cores."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+    if device.type != "cpu":
+        return device.type
+    return f"cpu ({cpu_model() + ', ' if cpu_model() else ''}{os.cpu_count()} cores)"
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def cpu_supports_bf16():
@@ -133,11 +144,18 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def make_optimizer(model, name, lr, wd):
-    """SGD with Nesterov momentum, or Adam; OneCycle cycles the momentum (Adam's beta1)."""
+def make_optimizer(model, name, lr, wd, bn_wd=True):
+    """SGD with Nesterov momentum, or Adam; OneCycle cycles the momentum (Adam's beta1). With
+    bn_wd=False the weight decay spares the one-dimensional parameters, BatchNorm's scales and
+    shifts and the classifier's bias, as airbench and hlb-CIFAR10 train."""
+    params = list(model.parameters())
+    groups = [{"params": params}]
+    if not bn_wd:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,12 +102,17 @@ def find_layer(model, name):
 
 
 @torch.no_grad()
-def predict(model, images, mean, std, batch_size=1000):
-    """Softmax probabilities for uint8 images, in order."""
+def predict(model, images, mean, std, batch_size=1000, tta=False):
+    """Softmax probabilities for uint8 images, in order; with tta, of the mean of each image's
+    logits and its mirror's, as train.py --tta scores the test set."""
     model.eval()
-    out = [F.softmax(model(data.normalize(images[i:i + batch_size], mean, std)
-                           .contiguous(memory_format=torch.channels_last)).float(), 1)
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = data.normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+        logits = model(x).float()
+        if tta:
+            logits = (logits + model(x.flip(-1).contiguous(memory_format=torch.channels_last)).float()) / 2
+        out.append(F.softmax(logits, 1))
     return torch.cat(out)
 
 
@@ -206,29 +211,32 @@ def save_png(fig, path, dpi=110):
 
 
 def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.5, seed=None, limit_test=None,
-           device="auto", download=True):
+           device="auto", download=True, tta=None):
     """Evaluate a checkpoint on the test set, then write (into out, default the checkpoint's folder)
     and return the figures: {'summary', 'misclassified', 'gradcam', 'confusion'} (figures are None
-    when nothing was misclassified). Raises common.UserError or data.DataError with one sentence."""
+    when nothing was misclassified). Predictions use flip TTA if the run was tested with it (tta=None)
+    or as tta says. Raises common.UserError or data.DataError with one sentence."""
     device = common.resolve_device(device)
     out = out or os.path.dirname(os.path.abspath(ckpt))
-    model, classes, mean, std = common.model_from_checkpoint(common.load_checkpoint(ckpt), device, ckpt)
+    state = common.load_checkpoint(ckpt)
+    model, classes, mean, std = common.model_from_checkpoint(state, device, ckpt)
+    tta = bool((state.get("args") or {}).get("tta", False)) if tta is None else tta
     find_layer(model, layer)
     common.check_writable(out)
     images, labels, _ = data.load_cifar10(data_dir, "test", download=download)
     images, labels = images[:limit_test].to(device), labels[:limit_test].to(device)
 
-    probs = predict(model, images, mean, std)
+    probs = predict(model, images, mean, std, tta=tta)
     accuracy = 100 * (probs.argmax(1) == labels).double().mean().item()
     matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
     chosen = misclassified(probs, labels, count, seed).to(device)
-    print(f"{ckpt}: {accuracy:.2f}% on {len(images):,} test images; {int((probs.argmax(1) != labels).sum())} "
-          f"misclassified")
+    print(f"{ckpt}: {accuracy:.2f}% on {len(images):,} test images{' with flip TTA' if tta else ''}; "
+          f"{int((probs.argmax(1) != labels).sum())} misclassified")
     records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
                 "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
                for i in chosen]
-    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(images), "test_accuracy": accuracy,
-               "misclassified": records}
+    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(images), "tta": tta,
+               "test_accuracy": accuracy, "misclassified": records}
     common.save_json(os.path.join(out, "misclassified.json"), summary)
     common.save_json(os.path.join(out, "confusion.json"), {"checkpoint": ckpt, "classes": classes,
                                                            "rows": "actual", "columns": "predicted",
@@ -270,6 +278,8 @@ def main(argv=None):
                         help="pick a random set of misclassified images with this seed (default: the first ones)")
     parser.add_argument("--limit-test", type=common.positive_int, default=None,
                         help="search only the first N test images")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="predict from each image and its mirror (default: as the run was tested)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
@@ -277,7 +287,7 @@ def main(argv=None):
     common.resolve_device(args.device, parser)
     try:
         return report(args.ckpt, args.data_dir, args.out, args.layer, args.count, args.alpha, args.seed,
-                      args.limit_test, args.device, args.download)["summary"]
+                      args.limit_test, args.device, args.download, args.tta)["summary"]
     except (common.UserError, data.DataError) as e:
         sys.exit(f"error: {e}")
 

@@ -16,6 +16,7 @@ would have drawn:
     range test    seed + 1 + rank, for its batches and its augmentation (lr_range.lr_range_inputs)
 """
 import argparse
+import copy
 import datetime
 import os
 import re
@@ -102,40 +103,40 @@ def run(args):
 
 def train(args, ckpt, device, rank, world):
     """Load the data, build the model, pick the peak LR, then train, evaluate and save each epoch."""
-    main_process = rank == 0
+    started, main_process = time.perf_counter(), rank == 0
     log = print if main_process else (lambda *a, **k: None)
     args.out = args.out or broadcast_value(os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")),
                                            world)
     with RunFolder(args.out, main_process, log), TensorBoard(args.tensorboard if main_process else None) as tb:
         train_x, train_y, test_x, test_y, classes = load_data(args, device, main_process, world)
         dtype = common.amp_dtype(device, args.amp)
-        torch.manual_seed(args.seed)
-        net = ResNet18(num_classes=len(classes)).to(device, memory_format=torch.channels_last)
-        if args.sync_bn and world > 1:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = build_model(args, len(classes), device, world)
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         max_lr, lr_range = pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world, log)
         state = TrainState(args, net, max_lr, lr_range, classes, len(train_x) // args.batch_size, dtype, rank, world)
+        state.started = started
         if ckpt is not None:
             state.restore(ckpt)
             log(f"Resuming {args.out} at epoch {state.epoch + 1}, step {state.step}")
             if main_process:
                 write_metrics(state, device, dtype)  # a kill between last.pt and metrics.json must not part them
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-        train_forward = torch.compile(model) if args.compile else model
-        eval_forward = torch.compile(net) if args.compile else net
+        train_forward, eval_forward = forwards(net, args, device, world)
         log(f"ResNet18 on {device} ({common.precision_name(dtype)}, channels_last{', compiled' if args.compile else ''}"
             f"{f', {world} processes' if world > 1 else ''}); {len(train_x):,} train / {len(test_x):,} test "
             f"images; {args.optimizer} OneCycle max LR {max_lr:.4g}, batch {args.batch_size}, {args.epochs} epochs")
+        if device.type == "cuda" or args.compile:
+            state.warmup_seconds = warm_up(train_forward, eval_forward, state, criterion, train_x, train_y, test_x,
+                                           test_y, dtype)
+            log(f"Warm-up (cuDNN autotuning{', compilation' if args.compile else ''}): "
+                f"{state.warmup_seconds:.1f} s, not counted as training")
         with SigintFlag() as interrupt:
             for epoch in range(state.epoch, args.epochs):
                 stats = train_epoch(train_forward, state, criterion, train_x, train_y, dtype, interrupt)
                 if stats["stopped"]:
                     save_mid_epoch(state, stats)
-                result = evaluate(eval_forward, test_x, test_y, args.eval_batch_size, dtype, len(classes), rank, world)
-                log(f"Test set: Average loss: {result['loss']:.4f}, Accuracy: {result['correct']}/{result['total']} "
-                    f"({result['accuracy']:.2f}%)\n", flush=True)
+                result = evaluate(eval_forward, test_x, test_y, args.eval_batch_size, dtype, len(classes), rank, world,
+                                  args.tta)
+                log(test_line(result), flush=True)
                 end_epoch(state, stats, result, device, dtype, tb)
                 if interrupt.set and world == 1:
                     print(f"Interrupted after epoch {epoch + 1}; saved {os.path.join(args.out, 'last.pt')}.\n"
@@ -180,6 +181,9 @@ def build_parser():
     p.add_argument("--pct-start", type=common.fraction, default=0.25,
                    help="fraction of training spent warming up to the peak (default 0.25: epoch 5 of 20)")
     p.add_argument("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
+    p.add_argument("--bn-wd", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight decay on BatchNorm's scales and shifts and the classifier's bias too; "
+                        "--no-bn-wd decays only the conv and linear weights (default on)")
     p.add_argument("--label-smoothing", type=common.fraction, default=0.1, help="label smoothing (default 0.1)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (the spec used none)")
     p.add_argument("--cutout-p", type=common.probability, default=0.5,
@@ -196,6 +200,9 @@ def build_parser():
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument("--limit-train", type=common.positive_int, default=None, help="train on the first N images only")
     p.add_argument("--limit-test", type=common.positive_int, default=None, help="test on the first N images only")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="also test each image with its mirror, averaging the logits (flip test-time "
+                        "augmentation); metrics.json keeps both accuracies (default on)")
     p.add_argument("--eval-batch-size", type=common.positive_int, default=1024, help="test batch size (default 1024)")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write TensorBoard scalars to DIR (needs the tensorboard package)")
@@ -355,6 +362,20 @@ def load_data(args, device, main_process, world):
     return train_x, train_y, test_x, test_y, classes
 
 
+def build_model(args, num_classes, device, world):
+    torch.manual_seed(args.seed)  # the init stream
+    net = ResNet18(num_classes=num_classes).to(device, memory_format=torch.channels_last)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if args.sync_bn and world > 1 else net
+
+
+def forwards(net, args, device, world):
+    """What trains (DDP-wrapped under torchrun) and what tests (rank 0's own weights), compiled
+    with --compile."""
+    model = nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    return (torch.compile(model), torch.compile(net)) if args.compile else (model, net)
+
+
 def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world, log):
     """(peak LR, range-test record or None): the checkpoint's on resume, the range test's with
     'auto', --max-lr as given, or by default BASE_LR scaled linearly with the batch size (Goyal
@@ -371,7 +392,7 @@ def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world
     log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...", flush=True)
     batches, augment = lr_range_inputs(train_x, train_y, args.batch_size // world, args.seed + rank,
                                        not args.no_flip, args.cutout_p)
-    result = lr_range_test(net, common.make_optimizer(net, args.optimizer, 1e-7, args.wd), criterion, batches,
+    result = lr_range_test(net, common.make_optimizer(net, args.optimizer, 1e-7, args.wd, args.bn_wd), criterion, batches,
                            num_iter=max(2, args.lr_range_steps), amp_dtype=dtype, transform=augment)
     max_lr = broadcast_value(result.suggested_lr, world)
     if rank == 0:
@@ -419,7 +440,7 @@ class TrainState:
         device = next(net.parameters()).device
         self.args, self.net, self.max_lr, self.lr_range, self.classes = args, net, max_lr, lr_range, list(classes)
         self.steps, self.rank, self.world = steps, rank, world
-        self.optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd)
+        self.optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd, args.bn_wd)
         total = args.epochs * steps
         # OneCycle's warm-up must end at step 1 or later and leave a step to anneal; this moves
         # pct_start only for runs of a few steps, such as `--epochs 1 --limit-train 2000`.
@@ -431,6 +452,8 @@ class TrainState:
         self.epoch, self.step = 0, 0  # the next step to take
         self.partial = None  # [loss sum, correct, images, seconds] of an epoch stopped midway
         self.history, self.best_acc = [], -1.0
+        # this process's clock, not saved: when train() started here, and the warm-up's seconds
+        self.started, self.warmup_seconds = time.perf_counter(), 0.0
 
     def checkpoint(self):
         states = [self.aug_generator.get_state().cpu()]
@@ -475,6 +498,30 @@ def train_step(model, x, y, criterion, optimizer, scaler, scheduler, dtype):
     scaler.update()
     scheduler.step()
     return loss.detach().float(), logits.detach()
+
+
+def warm_up(model, eval_model, state, criterion, train_x, train_y, test_x, test_y, dtype, steps=3):
+    """A few training steps and one test pass on the run's exact shapes, then every state put back:
+    cuDNN's autotuning (and torch.compile) happen before the clock starts. Returns the seconds."""
+    start = time.perf_counter()
+    saved = copy.deepcopy([state.net.state_dict(), state.optimizer.state_dict(), state.scheduler.state_dict(),
+                           state.scaler.state_dict()])
+    local = state.args.batch_size // state.world
+    generator = data.device_generator(train_x.device, 0)  # not the run's: its draws stay untouched
+    for _ in range(steps):
+        x = data.train_transform(train_x[:local], generator, not state.args.no_flip, state.args.cutout_p)
+        train_step(model, x.contiguous(memory_format=torch.channels_last), train_y[:local], criterion,
+                   state.optimizer, state.scaler, state.scheduler, dtype)
+    evaluate(eval_model, test_x, test_y, state.args.eval_batch_size, dtype, len(state.classes), state.rank,
+             state.world, state.args.tta)
+    state.net.load_state_dict(saved[0])
+    state.optimizer.load_state_dict(saved[1])
+    state.scheduler.load_state_dict(saved[2])
+    state.scaler.load_state_dict(saved[3])
+    state.optimizer.zero_grad(set_to_none=True)
+    if train_x.device.type == "cuda":
+        torch.cuda.synchronize(train_x.device)
+    return time.perf_counter() - start
 
 
 def train_epoch(model, state, criterion, train_x, train_y, dtype, interrupt):
@@ -537,34 +584,56 @@ def save_mid_epoch(state, stats):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size, dtype=None, num_classes=10, rank=0, world_size=1):
-    """Test loss (plain cross-entropy), accuracy and per-class accuracy; each process takes a
-    disjoint part of every batch and the sums are all-reduced."""
+def evaluate(model, images, labels, batch_size, dtype=None, num_classes=10, rank=0, world_size=1, tta=False,
+             fixed_shape=None):
+    """Test loss (plain cross-entropy), accuracy and per-class accuracy; with tta also the accuracy
+    of the mean of each image's logits and its mirror's (flip test-time augmentation, Page's "How
+    to train your ResNet"). Each process takes a disjoint part of every batch; sums are all-reduced.
+    With fixed_shape (default on CUDA) a short last batch is padded with zeros, so cuDNN meets no
+    new shape to autotune mid-run; eval-mode BatchNorm treats every image alone, so padding
+    changes no result."""
     was_training = model.training
     model.eval()
     device = images.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros(num_classes, device=device)
-    count = torch.zeros(num_classes, device=device)
+    fixed_shape = device.type == "cuda" if fixed_shape is None else fixed_shape
+    shape = -(-batch_size // world_size)
+    sums = torch.zeros(1 + 3 * num_classes, device=device)  # loss, correct, correct with TTA, count
+    loss_sum, correct, correct_tta, count = sums[:1], *sums[1:].view(3, num_classes)
     for idx in data.batch_indices(len(images), batch_size, rank=rank, world_size=world_size, device=device):
-        x = data.normalize(images[idx]).contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
+        x, y = data.normalize(images[idx]), labels[idx]
+        if fixed_shape:
+            x = torch.cat([x, x.new_zeros(shape - len(y), *x.shape[1:])])
+        x = x.contiguous(memory_format=torch.channels_last)
         with common.autocast(device, dtype):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            logits = model(x).float()[:len(y)]
+            mirrored = model(x.flip(-1).contiguous(memory_format=torch.channels_last)).float()[:len(y)] if tta \
+                else logits
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct.index_add_(0, y, (logits.argmax(1) == y).float())  # no boolean mask: no host sync
+        correct_tta.index_add_(0, y, ((logits + mirrored).argmax(1) == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=count.dtype))
-    totals = all_reduce(torch.cat([loss_sum.view(1), correct, count]), world_size).cpu()
+    loss_sum, correct, correct_tta, count = all_reduce(sums, world_size).cpu().split([1] + [num_classes] * 3)
     model.train(was_training)
-    loss_sum, correct, count = totals[0].item(), totals[1:1 + num_classes], totals[1 + num_classes:]
     n = int(count.sum())
-    return {"loss": loss_sum / max(n, 1), "correct": int(correct.sum()), "total": n,
-            "accuracy": 100.0 * float(correct.sum()) / max(n, 1),
-            "per_class": (100.0 * correct / count.clamp(min=1)).tolist()}
+    result = {"loss": loss_sum.item() / max(n, 1), "correct": int(correct.sum()), "total": n,
+              "accuracy": 100.0 * float(correct.sum()) / max(n, 1),
+              "per_class": (100.0 * correct / count.clamp(min=1)).tolist()}
+    if tta:
+        result.update(correct_tta=int(correct_tta.sum()), accuracy_tta=100.0 * float(correct_tta.sum()) / max(n, 1),
+                      per_class_tta=(100.0 * correct_tta / count.clamp(min=1)).tolist())
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-epoch records and files
+
+
+def test_line(result):
+    line = (f"Test set: Average loss: {result['loss']:.4f}, Accuracy: {result['correct']}/{result['total']} "
+            f"({result['accuracy']:.2f}%)")
+    if "accuracy_tta" in result:
+        line += f"; with flip TTA: {result['correct_tta']}/{result['total']} ({result['accuracy_tta']:.2f}%)"
+    return line + "\n"
 
 
 def end_epoch(state, stats, result, device, dtype, tb):
@@ -572,7 +641,8 @@ def end_epoch(state, stats, result, device, dtype, tb):
     loss_sum, correct, seen = all_reduce(torch.cat([stats["sums"], stats["sums"].new_tensor([stats["seen"]])]),
                                          state.world).tolist()
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-                          "test_loss": result["loss"], "test_acc": result["accuracy"], "lr": stats["lr"],
+                          "test_loss": result["loss"], "test_acc": result["accuracy"],
+                          "test_acc_tta": result.get("accuracy_tta"), "lr": stats["lr"],
                           "train_seconds": stats["seconds"], "seconds": time.perf_counter() - stats["started"],
                           "train_images": int(seen), "train_images_per_s": seen / stats["seconds"]})
     improved = result["accuracy"] > state.best_acc
@@ -584,24 +654,30 @@ def end_epoch(state, stats, result, device, dtype, tb):
     for name in (["best.pt"] if improved else []) + ["last.pt"]:
         common.save_atomic(os.path.join(state.args.out, name), lambda f: torch.save(checkpoint, f))
     last = state.epoch == state.args.epochs
-    write_metrics(state, device, dtype, dict(zip(state.classes, result["per_class"])) if last else None)
+    write_metrics(state, device, dtype, result if last else None)
     tb.add(state.history[-1])
     if last:
         print("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(state.classes,
                                                                                        result["per_class"])))
 
 
-def write_metrics(state, device, dtype, per_class=None):
+def write_metrics(state, device, dtype, last_result=None):
+    """metrics.json: the run's settings and every epoch; test_acc is a single view of each test
+    image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta)."""
     history = state.history
     best = max(history, key=lambda h: h["test_acc"]) if history else None
+    per_class = {key: dict(zip(state.classes, last_result[key])) if last_result and key in last_result else None
+                 for key in ("per_class", "per_class_tta")}
     common.save_json(os.path.join(state.args.out, "metrics.json"), {
         "dataset": "CIFAR-10", "device": str(device), "device_name": common.device_name(device),
         "precision": common.precision_name(dtype), "world_size": state.world, "torch": torch.__version__,
         "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(state.args),
         "epochs": history, "best_epoch": best and best["epoch"], "best_test_acc": best and best["test_acc"],
         "final_test_acc": history[-1]["test_acc"] if history else None,
+        "final_test_acc_tta": history[-1].get("test_acc_tta") if history else None,
         "train_seconds": sum(h["train_seconds"] for h in history),
-        "per_class_test_acc": per_class,
+        "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - state.started,
+        "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],
     })
 
 
@@ -609,7 +685,9 @@ def finish(state, log):
     history = state.history
     plot_curves(history, os.path.join(state.args.out, "curves.png"), state.args.label_smoothing)
     best = max(history, key=lambda h: h["test_acc"])
-    log(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}; "
+    final = history[-1].get("test_acc_tta")
+    log(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}"
+        f"{f' (final, with flip TTA: {final:.2f}%)' if final is not None else ''}; "
         f"{sum(h['train_seconds'] for h in history):.1f} s of training. Outputs in {state.args.out}")
 
 
@@ -669,6 +747,8 @@ def plot_curves(history, path=None, label_smoothing=0.0):
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h["test_acc"] for h in history], "o-", label="test")
+    if all(h.get("test_acc_tta") is not None for h in history):
+        ax_acc.plot(epochs, [h["test_acc_tta"] for h in history], "o--", label="test, flip TTA")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # a one-epoch run still gets a whole-number tick

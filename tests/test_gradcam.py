@@ -197,7 +197,7 @@ def test_figure_shows_denormalised_originals_and_seed_picks(cifar, tmp_path, mon
 def test_perfect_model_is_handled(cifar, tmp_path, monkeypatch):
     _save_random_checkpoint(tmp_path / "random.pt")
     _, labels, _ = data.load_cifar10(cifar, "test")
-    monkeypatch.setattr(gradcam, "predict", lambda model, images, *a: F.one_hot(labels[:len(images)], 10).float())
+    monkeypatch.setattr(gradcam, "predict", lambda model, images, *a, **k: F.one_hot(labels[:len(images)], 10).float())
     summary = gradcam.main(["--ckpt", str(tmp_path / "random.pt"), "--data-dir", str(cifar), "--limit-test", "50",
                             "--device", "cpu", "--out", str(tmp_path / "p")])
     assert summary["misclassified"] == [] and summary["test_accuracy"] == 100
@@ -222,3 +222,27 @@ def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
     layer = {"layer": "layer9", "linear": "linear"}.get(case, "layer3")
     res = run_script("gradcam.py", "--ckpt", path, "--layer", layer, "--data-dir", tmp_path)
     assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_predictions_follow_the_run_s_flip_tta(cifar, tmp_path, model):
+    """A run tested with --tta is reported with the mean of each image's and its mirror's logits,
+    computed here separately, so the misclassified images are those its accuracy counts."""
+    _save_random_checkpoint(tmp_path / "plain.pt")
+    ckpt = torch.load(tmp_path / "plain.pt")
+    ckpt["args"] = {"tta": True}
+    torch.save(ckpt, tmp_path / "tta.pt")
+    images, labels, _ = data.load_cifar10(cifar, "test")
+    images, labels = images[:200], labels[:200]
+    net, *_ = common.model_from_checkpoint(ckpt)
+    net.eval()
+    with torch.no_grad():
+        x = data.normalize(images)
+        plain, mirrored = net(x), net(x.flip(-1))
+    mean_pred = ((plain + mirrored) / 2).argmax(1)
+    assert (mean_pred != plain.argmax(1)).any()  # else the test could not tell the two apart
+    for name, tta, pred in [("tta.pt", True, mean_pred), ("plain.pt", False, plain.argmax(1))]:
+        summary = gradcam.main(["--ckpt", str(tmp_path / name), "--data-dir", str(cifar), "--limit-test", "200",
+                                "--device", "cpu", "--count", "200", "--out", str(tmp_path / name[:-3])])
+        assert summary["tta"] is tta
+        assert summary["test_accuracy"] == pytest.approx(100 * (pred == labels).double().mean().item())
+        assert [r["index"] for r in summary["misclassified"]] == (pred != labels).nonzero().flatten().tolist()

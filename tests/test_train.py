@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import torch
 import common
 import data
 import train
+from resnet import ResNet18
 from conftest import REPO, run_script
 
 TINY = ["--limit-train", "512", "--limit-test", "100", "--batch-size", "128", "--max-lr", "0.05"]
@@ -84,6 +86,9 @@ def test_fit_learns_and_writes_outputs(cifar, tmp_path):
     assert metrics["max_lr"] == 0.02 and metrics["best_test_acc"] == max(h["test_acc"] for h in history)
     for e in metrics["epochs"]:
         assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"} <= set(e)
+        assert 0 <= e["test_acc_tta"] <= 100
+    assert metrics["final_test_acc_tta"] == history[-1]["test_acc_tta"]
+    assert set(metrics["per_class_test_acc_tta"]) == set(data.CLASSES)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
@@ -264,7 +269,6 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
 
 
 def test_truncated_checkpoint_and_other_architecture(tmp_path):
-    from resnet import ResNet18
     good = {"model": ResNet18().state_dict(), "classes": list(data.CLASSES)}
     torch.save(good, tmp_path / "good.pt")
     blob = (tmp_path / "good.pt").read_bytes()
@@ -272,7 +276,8 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
     with pytest.raises(common.UserError, match="truncated or corrupt"):
         common.load_checkpoint(str(tmp_path / "cut.pt"))
     other = {"model": ResNet18(num_classes=100).state_dict(), "classes": list(data.CLASSES)}
-    with pytest.raises(common.UserError, match="does not fit a CIFAR ResNet18 with 10 classes"):
+    with pytest.raises(common.UserError, match=r"does not fit a CIFAR ResNet18 with 10 classes \(its parameter "
+                                                r"shapes differ\); use a checkpoint written by train.py$"):
         common.model_from_checkpoint(other)
     with pytest.raises(common.UserError, match="does not exist"):
         common.load_checkpoint(str(tmp_path / "none.pt"))
@@ -388,3 +393,119 @@ def test_peak_lr_follows_the_batch_size(cifar, tmp_path, capsys):
     tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=384)
     assert "Peak LR 0.05 = 0.2 x batch 128 / 512" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.05)
+
+
+def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
+    """Against the logits of each image and of its mirror, computed separately: labels are set to
+    the mean's prediction, so TTA must score 100% while the single view scores less."""
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        x = data.normalize(images)
+        plain, mirrored = model(x), model(x.flip(-1))
+    labels = ((plain + mirrored) / 2).argmax(1)
+    expected_plain = 100 * (plain.argmax(1) == labels).double().mean().item()
+    assert expected_plain < 100
+    result = train.evaluate(model, images, labels, 16, tta=True)
+    assert result["accuracy_tta"] == 100 and result["correct_tta"] == 64
+    assert result["accuracy"] == pytest.approx(expected_plain)
+    assert "accuracy_tta" not in train.evaluate(model, images, labels, 16, tta=False)
+
+
+def test_no_tta_leaves_the_tta_fields_empty(cifar, tmp_path):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384, tta=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final_test_acc_tta"] is None and metrics["epochs"][0]["test_acc_tta"] is None
+
+
+@pytest.mark.parametrize("bn_wd", [True, False])
+def test_no_bn_wd_spares_the_one_dimensional_parameters(bn_wd):
+    """With zero gradients only weight decay moves a parameter: w <- w - lr * wd * w on the first
+    SGD step (Nesterov adds momentum * that again). --no-bn-wd must leave BN and biases alone."""
+    torch.manual_seed(0)
+    model = ResNet18()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = common.make_optimizer(model, "sgd", lr=0.1, wd=0.01, bn_wd=bn_wd)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        decayed = before[name] * (1 - 0.1 * 0.01 * 1.9)
+        spared = p.ndim <= 1 and not bn_wd
+        torch.testing.assert_close(p.detach(), before[name] if spared else decayed, msg=name)
+    assert sum(p.ndim <= 1 for p in model.parameters()) == 20 * 2 + 1  # 20 BN layers' scale and shift, 1 bias
+
+
+def test_fixed_shape_evaluation_pads_the_last_batch_and_changes_no_result():
+    torch.manual_seed(0)
+    model = ResNet18()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 32, 32))  # BN running statistics that are not the identity
+    shapes = []
+    hook = model.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape[0]))
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (100,))
+    padded = train.evaluate(model, images, labels, 64, tta=True, fixed_shape=True)
+    assert shapes == [64, 64, 64, 64]  # two batches, each with its mirror; the last padded from 36
+    shapes.clear()
+    plain = train.evaluate(model, images, labels, 64, tta=True, fixed_shape=False)
+    assert shapes == [64, 64, 36, 36]
+    hook.remove()
+    assert padded["per_class"] == plain["per_class"] and padded["per_class_tta"] == plain["per_class_tta"]
+    assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and padded["total"] == 100
+
+
+def test_warm_up_leaves_no_trace(cifar):
+    """The warm-up trains a few steps on the run's shapes, then restores weights, BN statistics,
+    optimizer, schedule and scaler exactly; the run's augmentation generator is not touched."""
+    args = train.build_parser().parse_args(["--batch-size", "32", "--epochs", "2", "--limit-train", "64"])
+    images, labels, classes = data.load_cifar10(cifar, "train")
+    images, labels = images[:64], labels[:64]
+    torch.manual_seed(0)
+    net = ResNet18().to(memory_format=torch.channels_last)
+    state = train.TrainState(args, net, 0.2, None, classes, 2, None, 0, 1)
+    before = copy.deepcopy(state.checkpoint())
+    seconds = train.warm_up(net, net, state, torch.nn.CrossEntropyLoss(), images, labels, images[:40], labels[:40],
+                            None)
+    after = state.checkpoint()
+    assert seconds > 0
+    for key, value in before["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+    assert after["optimizer"] == before["optimizer"] and after["scheduler"] == before["scheduler"]
+    assert after["scaler"] == before["scaler"]
+    assert torch.equal(after["aug_generator"][0], before["aug_generator"][0])
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_step_never_waits_for_the_gpu():
+    """The augmentation and train_step queue work without a host synchronisation (issue 21):
+    CUDA's sync debug mode raises on any operation that would make the host wait."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    net = ResNet18().to(device, memory_format=torch.channels_last)
+    optimizer = common.make_optimizer(net, "sgd", 0.1, 5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=100)
+    dtype = common.amp_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    generator = data.device_generator(device, 0)
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (512,), device=device)
+    batches = list(data.batch_indices(512, 128, True, torch.Generator().manual_seed(0), True, device=device))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(idx):
+        x = data.train_transform(images[idx], generator, True, 0.5).contiguous(memory_format=torch.channels_last)
+        return train.train_step(net, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
+
+    step(batches[0])  # cuDNN's autotuning may synchronise on first sight of a shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for idx in batches[1:]:
+            loss, _ = step(idx)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
