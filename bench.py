@@ -120,7 +120,7 @@ def default_path(images, labels, args, device):
     dtype = common.amp_dtype(device, not args.no_amp)
     torch.manual_seed(0)
     net = ResNet18().to(device, memory_format=torch.channels_last)
-    model = torch.compile(net) if args.compile else net
+    model = torch.compile(net, mode=args.compile_mode) if args.compile else net
     optimizer = common.make_optimizer(net, "sgd", 0.05, 5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=10**9)  # as train.py steps it
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -202,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--windows", type=common.positive_int, default=3, help="timed windows (default 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the default path's model")
+    parser.add_argument("--compile-mode", choices=common.COMPILE_MODES, default="default",
+                        help="torch.compile's mode with --compile (default 'default')")
     parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
     parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
@@ -236,10 +238,10 @@ def main(argv=None):
     train_rates, eval_rates, precision, profile = default_path(images, labels, args, device)
     result = {"device": str(device), "device_name": common.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
-              "compile": args.compile, "data": source, "date": time.strftime("%Y-%m-%d"),
+              "compile": args.compile and args.compile_mode, "data": source, "date": time.strftime("%Y-%m-%d"),
               "default_images_per_s": statistics.median(train_rates), "default_windows": train_rates,
               "eval_images_per_s": statistics.median(eval_rates)}
-    print(f"default   ({precision}, channels_last{', compiled' if args.compile else ''}): "
+    print(f"default   ({precision}, channels_last{f', compiled ({args.compile_mode})' if args.compile else ''}): "
           f"{result['default_images_per_s']:10,.0f} img/s train   {result['eval_images_per_s']:,.0f} img/s eval",
           flush=True)
     if profile:

@@ -139,6 +139,9 @@ def precision_name(dtype):
     return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[dtype]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def autocast(device, dtype):
     """Mixed precision in dtype, or a no-op context for fp32 (dtype None)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -182,10 +182,19 @@ def random_crop(images, padding=4, generator=None):
     return padded[batch, channel, rows, cols]
 
 
-def flip(images, generator=None):
-    """Horizontal flip of a random half of the batch."""
-    mask = _randint(2, images.shape[0], generator, images.device).bool()
+def flip(images, generator=None, mask=None):
+    """Horizontal flip of a random half of the batch, or of the images where mask is True."""
+    if mask is None:
+        mask = _randint(2, images.shape[0], generator, images.device).bool()
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def alternating_flips(n, seed, epoch, device=None):
+    """Which of n images to mirror in this epoch, as airbench does: a coin toss per image for the
+    first epoch (seeded by seed alone), then the other view every next epoch, so any two epochs in a
+    row show each image both ways instead of at random."""
+    first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 2))
+    return (first ^ (epoch % 2)).bool().to(device)
 
 
 def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
@@ -207,12 +216,12 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     return images.masked_fill(hole, fill)
 
 
-def train_transform(images, generator=None, use_flip=True, cutout_p=1.0):
-    """The training augmentation: RandomCrop(32, padding=4), optional flip, normalize, Cutout 16x16
-    (on each image with probability cutout_p)."""
+def train_transform(images, generator=None, use_flip=True, cutout_p=1.0, flip_mask=None):
+    """The training augmentation: RandomCrop(32, padding=4), optional flip (at random, or where
+    flip_mask says), normalize, Cutout 16x16 (on each image with probability cutout_p)."""
     images = random_crop(images, 4, generator)
     if use_flip:
-        images = flip(images, generator)
+        images = flip(images, generator, flip_mask)
     return cutout(normalize(images), 16, 0.0, generator, cutout_p)
 
 

@@ -14,6 +14,7 @@ would have drawn:
     order         epoch e's shuffle: a CPU generator seeded with seed * 100_003 + e
     augmentation  one generator per process on the data's device, seed * 1000 + rank; kept in last.pt
     range test    seed + 1 + rank, for its batches and its augmentation (lr_range.lr_range_inputs)
+    flips         with --alternate-flip, each image's first-epoch mirror: a CPU generator seeded seed + 2
 """
 import argparse
 import copy
@@ -186,6 +187,8 @@ def build_parser():
                         "--no-bn-wd decays only the conv and linear weights (default on)")
     p.add_argument("--label-smoothing", type=common.fraction, default=0.1, help="label smoothing (default 0.1)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (the spec used none)")
+    p.add_argument("--alternate-flip", action="store_true",
+                   help="mirror each image in every other epoch (airbench) instead of at random")
     p.add_argument("--cutout-p", type=common.probability, default=0.5,
                    help="probability that an image gets its 16x16 Cutout hole (default 0.5, as the spec's "
                         "albumentations Cutout; 1 cuts every image, as the Cutout paper)")
@@ -197,6 +200,8 @@ def build_parser():
                         "(default on)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (off by default: it trained slower than eager on the H100 and H200)")
+    p.add_argument("--compile-mode", choices=common.COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile (default 'default')")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument("--limit-train", type=common.positive_int, default=None, help="train on the first N images only")
     p.add_argument("--limit-test", type=common.positive_int, default=None, help="test on the first N images only")
@@ -373,7 +378,9 @@ def forwards(net, args, device, world):
     with --compile."""
     model = nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    return (torch.compile(model), torch.compile(net)) if args.compile else (model, net)
+    if not args.compile:
+        return model, net
+    return torch.compile(model, mode=args.compile_mode), torch.compile(net, mode=args.compile_mode)
 
 
 def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world, log):
@@ -534,12 +541,14 @@ def train_epoch(model, state, criterion, train_x, train_y, dtype, interrupt):
     progress = Progress(epoch + 1, args.epochs, state.steps, state.rank == 0)
     order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
     loss_sum, correct, seen, elapsed = state.partial or (0.0, 0.0, 0, 0.0)
+    flips = data.alternating_flips(len(train_x), args.seed, epoch, device) if args.alternate_flip else None
     sums, finite = torch.tensor([loss_sum, correct], device=device), []
     first_step, resumed_at = state.step, time.perf_counter()
     lr, stopped = state.scheduler.get_last_lr()[0], False
     for step, idx in enumerate(data.batch_indices(len(train_x), args.batch_size, True, order, True, state.rank,
                                                   state.world, start=first_step, device=device), start=first_step):
-        x = data.train_transform(train_x[idx], state.aug_generator, not args.no_flip, args.cutout_p)
+        x = data.train_transform(train_x[idx], state.aug_generator, not args.no_flip, args.cutout_p,
+                                 None if flips is None else flips[idx])
         lr = state.scheduler.get_last_lr()[0]
         loss, logits = train_step(model, x.contiguous(memory_format=torch.channels_last), train_y[idx], criterion,
                                   state.optimizer, state.scaler, state.scheduler, dtype)
@@ -736,7 +745,7 @@ def plot_curves(history, path=None, label_smoothing=0.0):
     returns the Figure (a notebook shows it) and writes it to path as a PNG when one is given.
     The train loss is against smoothed targets when label smoothing is on, so the legend says so."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4))
@@ -745,6 +754,8 @@ def plot_curves(history, path=None, label_smoothing=0.0):
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label=train_label)
     ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log")
+    ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, not 2 x 10^0
+    ax_loss.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h["test_acc"] for h in history], "o-", label="test")
     if all(h.get("test_acc_tta") is not None for h in history):

@@ -213,3 +213,15 @@ def test_rank_shards_are_disjoint_and_cover_each_batch():
     for whole, a, b in zip(full, r0, r1):
         assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
         assert sorted(whole.tolist()) == sorted(a.tolist() + b.tolist())
+
+
+def test_alternating_flips_show_each_image_both_ways_in_two_epochs():
+    first, second, third = (data.alternating_flips(1000, 0, epoch) for epoch in (0, 1, 2))
+    assert bool((first ^ second).all()) and torch.equal(first, third)
+    assert 400 < int(first.sum()) < 600
+    assert torch.equal(data.alternating_flips(1000, 0, 0), first)  # the seed alone decides
+    assert not torch.equal(data.alternating_flips(1000, 1, 0), first)
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).view(4, 3, 2, 2)
+    mask = torch.tensor([True, False, False, True])
+    flipped = data.flip(images, mask=mask)
+    assert torch.equal(flipped[mask], images[mask].flip(-1)) and torch.equal(flipped[~mask], images[~mask])

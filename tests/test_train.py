@@ -509,3 +509,34 @@ def test_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
+    """--alternate-flip hands each batch its images' flips for the epoch; without it, none."""
+    seen = []
+    transform = data.train_transform
+
+    def recording(images, generator, use_flip, cutout_p, flip_mask=None):
+        seen.append(flip_mask)
+        return transform(images, generator, use_flip, cutout_p, flip_mask)
+
+    monkeypatch.setattr(data, "train_transform", recording)
+    tiny_fit(cifar, tmp_path / "alternate", epochs=2, limit_train=384, alternate_flip=True, tta=False)
+    assert len(seen) == 6 and all(mask is not None and len(mask) == 128 for mask in seen)
+    epoch1, epoch2 = torch.cat(seen[:3]).sum(), torch.cat(seen[3:]).sum()
+    assert int(epoch1) + int(epoch2) == 384  # each image mirrored in exactly one of the two epochs
+    seen.clear()
+    tiny_fit(cifar, tmp_path / "random", epochs=1, limit_train=384, tta=False)
+    assert seen == [None, None, None]
+
+
+def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch):
+    """--compile --compile-mode M compiles the training and the testing model with mode M (here
+    torch.compile is replaced by a recorder: compiling on the CPU would take minutes)."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    monkeypatch.setattr(train, "warm_up", lambda *a, **k: 0.5)
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384, compile=True, compile_mode="max-autotune")
+    assert modes == ["max-autotune", "max-autotune"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["warmup_seconds"] == 0.5 and metrics["wall_seconds"] > metrics["train_seconds"] > 0

@@ -57,6 +57,7 @@ run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
         ls0.2) flags="--label-smoothing 0.2" ;;
         nobnwd) flags="--no-bn-wd" ;;
         cutout0.25) flags="--cutout-p 0.25" ;;
+        altflip) flags="--alternate-flip" ;;
         lr0.4-ls0.2-nobnwd) flags="--max-lr 0.4 --label-smoothing 0.2 --no-bn-wd" ;;
         spec-recipe) flags="$spec_flags --max-lr 0.027 --wd 0 --cutout-p 0.5" ;;
         spec-recipe-auto) flags="$spec_flags --max-lr auto --wd 0 --cutout-p 0.5" ;;
@@ -66,6 +67,8 @@ run_step() {  # STEP[-seedN]: the recipe below, with --seed N (default 0)
         bench) bench "$name" --batch-size 512 --ref-workers 8; return ;;
         bench-1024) bench "$name" --batch-size 1024 --skip-reference; return ;;
         bench-compile) bench "$name" --batch-size 512 --compile --skip-reference; return ;;
+        bench-compile-max) bench "$name" --batch-size 512 --compile --compile-mode max-autotune-no-cudagraphs \
+            --skip-reference; return ;;
         gpu-tests) CIFAR10_SHARED=$PWD/.data in_time python3 -m pytest -q tests/test_train.py -k "never_waits or fit_learns"; return ;;
         profile) bench "$name" --batch-size 512 --skip-reference --profile "$out/$name/profile.json"; return ;;
         *) echo "unknown step $1"; return 2 ;;
