@@ -174,8 +174,8 @@ def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, al
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.colorbar(ScalarMappable(cmap=colormaps["jet"]), ax=axes[:, 1:], shrink=min(1.0, 3 / len(images)),
-                 label="Grad-CAM (each map scaled to its maximum)")
-    fig.suptitle(f"Grad-CAM on {layer}", fontsize=11)
+                 label="Grad-CAM")
+    fig.suptitle(f"Grad-CAM on {layer} (each map scaled to its maximum)", fontsize=11)
     save_png(fig, path)
     return fig
 

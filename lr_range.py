@@ -103,7 +103,8 @@ def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            with common.autocast(device, amp_dtype):
+            # written out rather than common.autocast, so that this function copies alone
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = criterion(model(inputs), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

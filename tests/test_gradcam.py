@@ -126,7 +126,8 @@ def _titles_inside(fig):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     box = fig.bbox
-    titles = [ax.title for ax in fig.axes if ax.get_title()]
+    titles = [ax.title for ax in fig.axes if ax.get_title()] + [ax.yaxis.label for ax in fig.axes if ax.get_ylabel()]
+    titles += [fig._suptitle] if fig._suptitle else []
     assert titles
     for title in titles:
         extent = title.get_window_extent(renderer)

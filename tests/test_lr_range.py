@@ -129,3 +129,28 @@ def test_cli_defaults_are_train_py_defaults():
     for key in ("optimizer", "wd", "label_smoothing", "batch_size", "cutout_p", "no_flip", "seed", "data_dir",
                 "device", "amp", "download", "limit_train"):
         assert mine.get_default(key) == theirs.get_default(key), key
+
+
+def test_lr_range_test_copies_alone():
+    """README: lr_range_test can be pasted into a notebook without the project. Its source, with
+    the helpers it calls, runs with only torch, numpy and the standard library imported."""
+    import ast
+
+    from conftest import REPO
+
+    source = (REPO / "lr_range.py").read_text()
+    lines = source.splitlines()
+    wanted = {"LRRangeResult", "lr_schedule", "steepest_index", "lr_range_test"}
+    parts = []
+    for node in ast.parse(source).body:
+        if getattr(node, "name", None) in wanted:
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            parts.append("\n".join(lines[first - 1:node.end_lineno]))
+    assert len(parts) == len(wanted)
+    namespace = {"__name__": "pasted"}
+    exec("import copy\nimport math\nfrom dataclasses import asdict, dataclass, field\n\nimport numpy as np\n"
+         "import torch\n\n" + "\n\n".join(parts), namespace)
+    model = nn.Linear(2, 1)
+    result = namespace["lr_range_test"](model, torch.optim.SGD(model.parameters(), lr=0.1), ScriptedLoss([2.0, 1.0, 3.0]),
+                                        [(torch.ones(4, 2), torch.zeros(4))], num_iter=3)
+    assert result.losses == [2.0, 1.0, 3.0] and len(result.lrs) == 3
