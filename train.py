@@ -176,7 +176,8 @@ def build_parser():
                         "between 0.95 and 0.85 (default sgd)")
     p.add_argument("--max-lr", type=max_lr_value, default=None,
                    help=f"OneCycle peak LR, or 'auto' to take it from an LR range test first (default "
-                        f"{BASE_LR:g} x batch size / {BASE_BATCH}, the linear scaling rule: {BASE_LR:g} at {BASE_BATCH})")
+                        f"{BASE_LR:g} x batch size / {BASE_BATCH}, the linear scaling rule: {BASE_LR:g} at "
+                        f"{BASE_BATCH})")
     p.add_argument("--lr-range-steps", type=common.positive_int, default=100,
                    help="steps of the LR range test run by --max-lr auto (default 100)")
     p.add_argument("--pct-start", type=common.fraction, default=0.25,
@@ -399,8 +400,9 @@ def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world
     log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...", flush=True)
     batches, augment = lr_range_inputs(train_x, train_y, args.batch_size // world, args.seed + rank,
                                        not args.no_flip, args.cutout_p)
-    result = lr_range_test(net, common.make_optimizer(net, args.optimizer, 1e-7, args.wd, args.bn_wd), criterion, batches,
-                           num_iter=max(2, args.lr_range_steps), amp_dtype=dtype, transform=augment)
+    optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, args.bn_wd)
+    result = lr_range_test(net, optimizer, criterion, batches, num_iter=max(2, args.lr_range_steps), amp_dtype=dtype,
+                           transform=augment)
     max_lr = broadcast_value(result.suggested_lr, world)
     if rank == 0:
         plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
@@ -441,7 +443,8 @@ def restored_args(args, world=1):
 class TrainState:
     """Everything a run needs to continue exactly: weights, optimizer, OneCycle schedule, scaler,
     each process's augmentation generator, where the run stands, and its history. Written to a
-    checkpoint by checkpoint() and read back by restore(), and nowhere else."""
+    checkpoint by checkpoint() and loaded by restore(); restored_args (above) reads only the recipe
+    and the position, to check a resume before anything is built."""
 
     def __init__(self, args, net, max_lr, lr_range, classes, steps, dtype, rank, world):
         device = next(net.parameters()).device

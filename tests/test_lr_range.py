@@ -151,6 +151,7 @@ def test_lr_range_test_copies_alone():
     exec("import copy\nimport math\nfrom dataclasses import asdict, dataclass, field\n\nimport numpy as np\n"
          "import torch\n\n" + "\n\n".join(parts), namespace)
     model = nn.Linear(2, 1)
-    result = namespace["lr_range_test"](model, torch.optim.SGD(model.parameters(), lr=0.1), ScriptedLoss([2.0, 1.0, 3.0]),
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = namespace["lr_range_test"](model, optimizer, ScriptedLoss([2.0, 1.0, 3.0]),
                                         [(torch.ones(4, 2), torch.zeros(4))], num_iter=3)
     assert result.losses == [2.0, 1.0, 3.0] and len(result.lrs) == 3
