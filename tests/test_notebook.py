@@ -1,0 +1,60 @@
+"""The notebook runs top to bottom as a Colab user runs it, on a small setting, in a real kernel."""
+import re
+
+import pytest
+
+from conftest import REPO
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOK = REPO / "cifar10_resnet18.ipynb"
+FIGURES = 5  # LR range test, curves, misclassified images, Grad-CAM, confusion matrix
+
+
+def settings_cell(nb):
+    return next(cell for cell in nb.cells if cell.cell_type == "code")
+
+
+def with_settings(source, **values):
+    for name, value in values.items():
+        source, found = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", source, flags=re.M)
+        assert found == 1, name
+    return source
+
+
+def pngs(nb):
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+            if "image/png" in o.get("data", {})]
+
+
+def test_first_cell_holds_the_assignment_settings():
+    source = settings_cell(nbformat.read(NOTEBOOK, as_version=4)).source
+    for line in ["EPOCHS = 20", "LIMIT_TRAIN = None", "LIMIT_TEST = None", 'DATA_DIR = "./data"']:
+        assert re.search(rf"^{re.escape(line)}(\s|$)", source, flags=re.M), line
+
+
+def test_committed_notebook_shows_the_figures_of_a_real_run():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert len(pngs(nb)) == FIGURES
+    text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "Best test accuracy" in text and "LIMIT_TRAIN=None" in text
+
+
+def test_notebook_runs_top_to_bottom(cifar, tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = settings_cell(nb)
+    cell.source = with_settings(cell.source, EPOCHS=1, LIMIT_TRAIN=512, LIMIT_TEST=200, DATA_DIR=str(cifar),
+                                OUT=str(tmp_path / "run"), BATCH_SIZE=128, LR_RANGE_STEPS=10)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len(pngs(nb)) == FIGURES
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Total params: 11,173,962" in text and "steepest slope at" in text and "Epoch 1/1" in text
+    for name in ["best.pt", "curves.png", "misclassified.png", "gradcam.png", "confusion.png", "confusion.json"]:
+        assert (tmp_path / "run" / name).is_file(), name
