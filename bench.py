@@ -192,7 +192,7 @@ def forward_flops_per_image(device):
     return counter.get_total_flops()
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size (default 128)")
@@ -207,30 +207,40 @@ def main(argv=None):
     parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
     parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 root; synthetic images of the same shape if not given")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 root; synthetic images of the same shape if not given")
     parser.add_argument("--peak-tflops", type=common.positive_float, default=None,
                         help="the device's peak TFLOP/s, to print the fraction achieved")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", metavar="PATH", default=None,
                         help="profile --steps more steps of the default path; write the time per op to this JSON file")
-    args = parser.parse_args(argv)
-    for flag, path in (("--json", args.json), ("--profile", args.profile)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
-    device = common.resolve_device(args.device, parser)
-    needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
+    return parser
+
+
+def bench_data(args):
+    """(images, labels, what they are): CIFAR-10's train set, or enough seeded random images."""
     if args.data_dir:
         try:
             images, labels, _ = data.load_cifar10(args.data_dir, "train")
         except data.DataError as e:
             sys.exit(f"error: {e}")
-        source = "CIFAR-10 train set"
-    else:
-        gen = torch.Generator().manual_seed(0)
-        n = min(max(needed, args.eval_batch_size), data.SPLIT_SIZE["train"])
-        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
-        labels = torch.randint(0, 10, (n,), generator=gen)
-        source = f"{n:,} synthetic images"
+        return images, labels, "CIFAR-10 train set"
+    gen = torch.Generator().manual_seed(0)
+    needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
+    n = min(max(needed, args.eval_batch_size), data.SPLIT_SIZE["train"])
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return images, labels, f"{n:,} synthetic images"
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
+    device = common.resolve_device(args.device, parser)
+    images, labels, source = bench_data(args)
     if args.batch_size > len(images):
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
 
