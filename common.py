@@ -101,7 +101,8 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     if device.type != "cpu":
         return device.type
-    return f"cpu ({cpu_model() + ', ' if cpu_model() else ''}{os.cpu_count()} cores)"
+    model = cpu_model()
+    return f"cpu ({model + ', ' if model else ''}{os.cpu_count()} cores)"
 
 
 def cpu_model():
@@ -195,6 +196,13 @@ def check_writable(folder):
         os.unlink(os.path.join(folder, ".write-test"))
     except OSError as e:
         raise UserError(f"cannot write to {folder} ({e.strerror}); choose another --out") from None
+
+
+def save_png(fig, path, dpi=110):
+    """A matplotlib Figure written atomically as a PNG; nothing when path is None (a notebook
+    only shows it)."""
+    if path is not None:
+        save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def load_checkpoint(path, map_location="cpu"):

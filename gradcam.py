@@ -152,7 +152,7 @@ def draw_misclassified(images, actual, predicted, path=None):
     for ax, image, a, p in zip(axes, images, actual, predicted):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"Actual: {a}\nPredicted: {p}", fontsize=9)
-    save_png(fig, path)
+    common.save_png(fig, path)
     return fig
 
 
@@ -176,7 +176,7 @@ def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, al
     fig.colorbar(ScalarMappable(cmap=colormaps["jet"]), ax=axes[:, 1:], shrink=min(1.0, 3 / len(images)),
                  label="Grad-CAM")
     fig.suptitle(f"Grad-CAM on {layer} (each map scaled to its maximum)", fontsize=11)
-    save_png(fig, path)
+    common.save_png(fig, path)
     return fig
 
 
@@ -201,13 +201,8 @@ def draw_confusion(matrix, classes, path=None):
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                     color="white" if count > threshold else "black")
     fig.colorbar(shown, ax=ax, label="images")
-    save_png(fig, path)
+    common.save_png(fig, path)
     return fig
-
-
-def save_png(fig, path, dpi=110):
-    if path is not None:
-        common.save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.5, seed=None, limit_test=None,
@@ -227,12 +222,13 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
     images, labels = images[:limit_test].to(device), labels[:limit_test].to(device)
 
     probs = predict(model, images, mean, std, tta=tta)
-    accuracy = 100 * (probs.argmax(1) == labels).double().mean().item()
-    matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
+    predicted = probs.argmax(1)
+    accuracy = 100 * (predicted == labels).double().mean().item()
+    matrix = confusion_matrix(predicted, labels, len(classes))
     chosen = misclassified(probs, labels, count, seed).to(device)
     print(f"{ckpt}: {accuracy:.2f}% on {len(images):,} test images{' with flip TTA' if tta else ''}; "
-          f"{int((probs.argmax(1) != labels).sum())} misclassified")
-    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
+          f"{int((predicted != labels).sum())} misclassified")
+    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(predicted[i])],
                 "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
                for i in chosen]
     summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(images), "tta": tta,
@@ -250,7 +246,7 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
 
     x = data.normalize(images[chosen], mean, std).contiguous(memory_format=torch.channels_last)
     with GradCAM(model, layer) as cam:
-        pred_maps, _ = cam(x, probs[chosen].argmax(1))
+        pred_maps, _ = cam(x, predicted[chosen])
         true_maps, _ = cam(x, labels[chosen])
     pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
     actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]

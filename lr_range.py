@@ -155,8 +155,7 @@ def plot_lr_range(result, path=None):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    if path is not None:
-        common.save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    common.save_png(fig, path, dpi=120)
     return fig
 
 

@@ -489,8 +489,11 @@ class TrainState:
         # checkpoints saved before the seconds were kept have three entries; that time is lost
         self.partial = (list(partial) + [0.0])[:4] if partial else None
 
-    def save(self, name):
-        common.save_atomic(os.path.join(self.args.out, name), lambda f: torch.save(self.checkpoint(), f))
+    def save(self, names, checkpoint=None):
+        """Write one checkpoint (made once) to each of names in the run folder, atomically."""
+        checkpoint = checkpoint or self.checkpoint()
+        for name in names:
+            common.save_atomic(os.path.join(self.args.out, name), lambda f: torch.save(checkpoint, f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,7 +592,7 @@ def save_mid_epoch(state, stats):
     """After a Ctrl-C mid-epoch: keep the epoch's sums and seconds in last.pt, say how to go on."""
     state.step = stats["step"]
     state.partial = stats["sums"].tolist() + [stats["seen"], stats["seconds"]]
-    state.save("last.pt")
+    state.save(["last.pt"])
     print(f"\nInterrupted at epoch {state.epoch + 1}, step {state.step}/{state.steps}; saved "
           f"{os.path.join(state.args.out, 'last.pt')}.\nResume with: {resume_command(state.args)}", flush=True)
     raise KeyboardInterrupt
@@ -663,8 +666,7 @@ def end_epoch(state, stats, result, device, dtype, tb):
     checkpoint = state.checkpoint()  # every process joins the gather of the generators
     if state.rank != 0:
         return
-    for name in (["best.pt"] if improved else []) + ["last.pt"]:
-        common.save_atomic(os.path.join(state.args.out, name), lambda f: torch.save(checkpoint, f))
+    state.save((["best.pt"] if improved else []) + ["last.pt"], checkpoint)
     last = state.epoch == state.args.epochs
     write_metrics(state, device, dtype, result if last else None)
     tb.add(state.history[-1])
@@ -770,8 +772,7 @@ def plot_curves(history, path=None, label_smoothing=0.0):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    if path is not None:
-        common.save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    common.save_png(fig, path)
     return fig
 
 
