@@ -115,9 +115,43 @@ def print_profile(profile, top=15):
               f"{op['name'][:90]}")
 
 
+def graphed_step(net, criterion, optimizer, batch_size, dtype, device):
+    """Forward, backward and SGD step captured once as a CUDA graph, then replayed on each batch: what
+    launching ~500 kernels a step from Python costs. torch's SGD reads the LR and momentum as Python
+    numbers, so the capture freezes them: this times the lever, train.py does not use it."""
+    static_x = torch.zeros(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def forward_backward_step():
+        with common.autocast(device, dtype):
+            loss = criterion(net(static_x), static_y)
+        loss.backward()
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # cuDNN's autotuning and the optimizer's state, before the capture
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        forward_backward_step()
+
+    def replay(x, y):
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+
+    return replay
+
+
 def default_path(images, labels, args, device):
     """train.py's training step; returns (train rates, eval rates, precision, profile or None)."""
     dtype = common.amp_dtype(device, not args.no_amp)
+    torch.backends.cudnn.benchmark = True  # as train.py runs
     torch.manual_seed(0)
     net = ResNet18().to(device, memory_format=torch.channels_last)
     model = torch.compile(net, mode=args.compile_mode) if args.compile else net
@@ -136,10 +170,15 @@ def default_path(images, labels, args, device):
 
     order = batches()
 
+    replay = graphed_step(model, criterion, optimizer, args.batch_size, dtype, device) if args.cuda_graph else None
+
     def step():
         idx = next(order)
         x = data.train_transform(images[idx], generator, True, cutout_p).contiguous(memory_format=torch.channels_last)
-        train.train_step(model, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
+        if replay:
+            replay(x, labels[idx])
+        else:
+            train.train_step(model, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
 
     net.train()
     train_rates = timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
@@ -204,6 +243,9 @@ def build_parser():
     parser.add_argument("--compile", action="store_true", help="torch.compile the default path's model")
     parser.add_argument("--compile-mode", choices=common.COMPILE_MODES, default="default",
                         help="torch.compile's mode with --compile (default 'default')")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the default path's forward, backward and optimizer step as one CUDA graph "
+                             "(LR and momentum frozen: a timing of the lever, not a training path)")
     parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
     parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
@@ -240,6 +282,9 @@ def main(argv=None):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
     device = common.resolve_device(args.device, parser)
+    if args.cuda_graph and (device.type != "cuda" or args.compile or common.amp_dtype(device, not args.no_amp)
+                            == torch.float16):
+        parser.error("--cuda-graph needs a CUDA GPU with bf16 or fp32 (no GradScaler) and no --compile")
     images, labels, source = bench_data(args)
     if args.batch_size > len(images):
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
@@ -248,10 +293,12 @@ def main(argv=None):
     train_rates, eval_rates, precision, profile = default_path(images, labels, args, device)
     result = {"device": str(device), "device_name": common.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
-              "compile": args.compile and args.compile_mode, "data": source, "date": time.strftime("%Y-%m-%d"),
+              "compile": args.compile and args.compile_mode, "cuda_graph": args.cuda_graph, "data": source,
+              "date": time.strftime("%Y-%m-%d"),
               "default_images_per_s": statistics.median(train_rates), "default_windows": train_rates,
               "eval_images_per_s": statistics.median(eval_rates)}
-    print(f"default   ({precision}, channels_last{f', compiled ({args.compile_mode})' if args.compile else ''}): "
+    print(f"default   ({precision}, channels_last{f', compiled ({args.compile_mode})' if args.compile else ''}"
+          f"{', CUDA graph' if args.cuda_graph else ''}): "
           f"{result['default_images_per_s']:10,.0f} img/s train   {result['eval_images_per_s']:,.0f} img/s eval",
           flush=True)
     if profile:

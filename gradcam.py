@@ -212,7 +212,7 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
     when nothing was misclassified). Predictions use flip TTA if the run was tested with it (tta=None)
     or as tta says. Raises common.UserError or data.DataError with one sentence."""
     device = common.resolve_device(device)
-    out = out or os.path.dirname(os.path.abspath(ckpt))
+    out = out or os.path.dirname(ckpt) or "."  # as the user typed it: the figures' path is printed
     state = common.load_checkpoint(ckpt)
     model, classes, mean, std = common.model_from_checkpoint(state, device, ckpt)
     tta = bool((state.get("args") or {}).get("tta", False)) if tta is None else tta

@@ -706,12 +706,15 @@ def finish(state, log):
 
 
 class Progress:
-    """One live line per epoch: '\\r'-updated on a terminal, a few plain lines in a log file."""
+    """One live line per epoch: '\\r'-updated on a terminal, updated in place in a notebook (so a
+    saved notebook keeps one line per epoch), a few plain lines in a log file."""
 
     def __init__(self, epoch, epochs, steps, enabled=True):
         self.prefix, self.steps, self.enabled = f"Epoch {epoch}/{epochs}", steps, enabled
         self.tty = sys.stdout.isatty()
-        self.every = max(1, steps // 10) if not self.tty else max(1, steps // 50)
+        self.notebook = not self.tty and "ipykernel" in sys.modules
+        self.every = max(1, steps // 10) if not (self.tty or self.notebook) else max(1, steps // 50)
+        self.handle = None  # the notebook's display of this epoch's line
 
     def due(self, step):
         return self.enabled and ((step + 1) % self.every == 0 or step + 1 == self.steps)
@@ -721,6 +724,12 @@ class Progress:
                 f"acc {acc:.2f}%  {rate:,.0f} img/s")
         if self.tty:
             print("\r" + line, end="\n" if step + 1 == self.steps else "", flush=True)
+        elif self.notebook:
+            from IPython.display import display
+            if self.handle is None:
+                self.handle = display({"text/plain": line}, raw=True, display_id=True)
+            else:
+                self.handle.update({"text/plain": line}, raw=True)
         else:
             print(line, flush=True)
 

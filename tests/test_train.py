@@ -45,6 +45,14 @@ def test_amp_selects_the_autocast_dtype_on_cpu(monkeypatch):
     assert common.amp_dtype(torch.device("mps")) is None
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="reads Linux's CPU flags")
+def test_cpu_bf16_only_where_linux_lists_bf16_units():
+    """Plain AVX-512 runs bf16 by emulation, slower than fp32: bf16 only with AVX512-BF16 or AMX."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    assert common.cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_gpus_without_bf16_units_get_fp16_with_a_grad_scaler(monkeypatch, capability, dtype):
@@ -509,6 +517,19 @@ def test_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_with_grad_scaler_learns_on_cuda(cifar, tmp_path, monkeypatch):
+    """The path a T4 (compute capability 7.5) gets: fp16 autocast with a GradScaler. Forced here on
+    whatever GPU there is; a short run must choose it, keep its loss finite and learn."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    history = tiny_fit(cifar, tmp_path / "fp16", epochs=4, limit_train=2048, limit_test=1000, device="cuda")
+    metrics = json.loads((tmp_path / "fp16" / "metrics.json").read_text())
+    assert metrics["precision"] == "fp16 autocast + GradScaler"
+    assert torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)["scaler"]["scale"] > 0
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert history[-1]["test_acc"] > 20
 
 
 def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
