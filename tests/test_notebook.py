@@ -37,8 +37,12 @@ def test_first_cell_holds_the_assignment_settings():
 def test_committed_notebook_shows_the_figures_of_a_real_run():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert len(pngs(nb)) == FIGURES
-    text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert "Best test accuracy" in text and "LIMIT_TRAIN=None" in text
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Best test accuracy" in text and "EPOCHS=20, LIMIT_TRAIN=None, LIMIT_TEST=None" in text
+    progress = [o["data"]["text/plain"] for o in outputs if o.get("data", {}).get("text/plain", "").startswith("Epoch")]
+    assert [line.split("  ")[0] for line in progress] == [f"Epoch {e}/20" for e in range(1, 21)]
+    assert not [line for line in text.splitlines() if "/work/" in line or "/tmp/" in line or "/dev/" in line]
 
 
 def test_notebook_runs_top_to_bottom(cifar, tmp_path):

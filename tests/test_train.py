@@ -399,8 +399,8 @@ def test_one_epoch_curves_have_whole_number_ticks(tmp_path):
 
 def test_peak_lr_follows_the_batch_size(cifar, tmp_path, capsys):
     tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=384)
-    assert "Peak LR 0.05 = 0.2 x batch 128 / 512" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.05)
+    assert "Peak LR 0.1 = 0.4 x batch 128 / 512" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.1)
 
 
 def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():

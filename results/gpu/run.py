@@ -89,10 +89,14 @@ class Batch:
         with open(os.path.join(self.out, "log.txt"), "a") as f:
             f.write(line + "\n")
 
-    def launch(self, name, gradcam=False):
+    def launch(self, name, alone, gradcam=False):
+        """Start a step; its folder's step.json says whether it ran alone (its seconds are a speed
+        figure) or beside others."""
         folder = os.path.join(self.work, name)
         os.makedirs(folder, exist_ok=True)
         command = step_command(name, folder, self.data_dir, self.train_args)
+        with open(os.path.join(folder, "step.json"), "w") as f:
+            json.dump({"step": name, "alone": alone, "command": command}, f, indent=1)
         if gradcam and is_training(name):
             command += (f" && {PYTHON} gradcam.py --ckpt {shlex.quote(os.path.join(folder, 'best.pt'))} "
                         f"--data-dir {shlex.quote(self.data_dir)}")
@@ -128,7 +132,7 @@ class Batch:
             if self.left() < 20:
                 self.log(f"skip {name}: {self.left():.0f}s left")
                 continue
-            process = self.launch(name, gradcam=True)
+            process = self.launch(name, alone=True, gradcam=True)
             try:
                 process.wait(max(1.0, self.left()))
             except subprocess.TimeoutExpired:
@@ -144,7 +148,7 @@ class Batch:
                 if self.left() < max(needed, 20):
                     self.log(f"skip {name}: {self.left():.0f}s left, a run here has taken {needed:.0f}s")
                     continue
-                running.append(self.launch(name))
+                running.append(self.launch(name, alone=False))
             time.sleep(1)
             for process in [p for p in running if p.poll() is not None or self.left() <= 0]:
                 if process.poll() is None:

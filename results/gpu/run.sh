@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
     [ -d .data/cifar-10-batches-py ] || python3 .data/build_batches.py .data
     [ -e data ] || ln -s .data data
     if [ -d .whl ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
             echo "installed $(ls .whl | wc -l) wheels for the notebook into /tmp/site"
     fi
 } 2>&1 | tee -a "$out/log.txt"

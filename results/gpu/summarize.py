@@ -1,8 +1,12 @@
-"""Collect every GPU run under results/gpu/<device>/<step>/metrics.json into summary.json.
+"""Collect every GPU run, results/gpu/<batch>/<step>/metrics.json, into summary.json and print a
+Markdown table per batch (recipes are compared only within a batch: same code, same machine).
 
-    python results/gpu/summarize.py      # writes results/gpu/summary.json, prints a Markdown table
+    python results/gpu/summarize.py      # writes results/gpu/summary.json
 
-A step named <recipe>-seedN is seed N of <recipe>; recipes are averaged over their seeds.
+A step named <recipe>-seedN is seed N of <recipe>. Accuracies are at the last epoch (epoch 20):
+one view per test image, and with flip TTA where the run scored it. train_seconds is a speed
+figure only for a run that had the GPU to itself (step.json "alone"; the batches before
+2026-11-30 ran one step at a time).
 """
 import glob
 import json
@@ -16,38 +20,59 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_record(path):
     with open(path) as f:
         m = json.load(f)
-    device, step = path.split(os.sep)[-3:-1]
-    a = m["args"]
-    epochs = m["epochs"]
-    return {
-        "device": device, "step": step, "recipe": re.sub(r"-seed\d+$", "", step), "device_name": m["device_name"],
-        "flags": {"optimizer": a["optimizer"], "max_lr": m["max_lr"], "wd": a["wd"],
-                  "label_smoothing": a["label_smoothing"], "flip": not a["no_flip"],
-                  "cutout_p": a.get("cutout_p", 1.0), "compile": a["compile"], "seed": a["seed"]},
-        "best_test_acc": m["best_test_acc"], "best_epoch": m["best_epoch"], "final_test_acc": m["final_test_acc"],
-        "final_train_acc": epochs[-1]["train_acc"],
-        "train_seconds": m["train_seconds"], "seconds_with_testing": sum(e["seconds"] for e in epochs),
-        "median_epoch_images_per_s": statistics.median(e["train_images_per_s"] for e in epochs),
-    }
+    folder = os.path.dirname(path)
+    batch, step = folder.split(os.sep)[-2:]
+    step_file = os.path.join(folder, "step.json")
+    alone = True
+    if os.path.isfile(step_file):
+        with open(step_file) as f:
+            alone = json.load(f)["alone"]
+    return {"batch": batch, "step": step, "recipe": re.sub(r"-seed\d+$", "", step), "seed": m["args"]["seed"],
+            "device_name": m["device_name"], "args": m["args"], "max_lr": m["max_lr"],
+            "epochs": len(m["epochs"]), "final_test_acc": m["final_test_acc"],
+            "final_test_acc_tta": m.get("final_test_acc_tta"), "best_test_acc": m["best_test_acc"],
+            "final_train_acc": m["epochs"][-1]["train_acc"], "train_seconds": m["train_seconds"],
+            "alone": alone}
+
+
+def spread(values):
+    """mean, lowest, highest of the values that exist; None where none do."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def recipe_summary(runs):
+    return {"runs": len(runs), "seeds": [r["seed"] for r in runs],
+            "final_test_acc": spread(r["final_test_acc"] for r in runs),
+            "final_test_acc_tta": spread(r["final_test_acc_tta"] for r in runs),
+            "train_seconds_alone": [r["train_seconds"] for r in runs if r["alone"]]}
+
+
+def cell(stats):
+    if stats is None:
+        return "-"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.2f}"
+    return f"**{stats['mean']:.2f}** ({stats['min']:.2f} to {stats['max']:.2f})"
 
 
 def main():
     runs = [run_record(p) for p in sorted(glob.glob(os.path.join(HERE, "*", "*", "metrics.json")))]
-    recipes = {}
-    for r in runs:
-        recipes.setdefault(r["recipe"], []).append(r)
-    summary = {"runs": runs, "recipes": {}}
-    print("| recipe | runs (device) | best test accuracy, each | mean | train s, each |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, rs in sorted(recipes.items(), key=lambda kv: -statistics.mean(r["best_test_acc"] for r in kv[1])):
-        accs = [r["best_test_acc"] for r in rs]
-        summary["recipes"][name] = {"runs": len(rs), "mean_best_test_acc": statistics.mean(accs),
-                                    "stdev_best_test_acc": statistics.stdev(accs) if len(accs) > 1 else None,
-                                    "best_test_accs": accs, "devices": [r["device"] for r in rs]}
-        devices = ", ".join(sorted({r["device"] for r in rs}))
-        each = " ".join(f"{x:.2f}" for x in accs)
-        seconds = " ".join(f"{r['train_seconds']:.1f}" for r in rs)
-        print(f"| {name} | {len(rs)} ({devices}) | {each} | {statistics.mean(accs):.2f} | {seconds} |")
+    summary = {"runs": runs, "batches": {}}
+    for batch in sorted({r["batch"] for r in runs}):
+        recipes = {}
+        for r in (r for r in runs if r["batch"] == batch):
+            recipes.setdefault(r["recipe"], []).append(r)
+        summary["batches"][batch] = {name: recipe_summary(rs) for name, rs in recipes.items()}
+        print(f"\n{batch}\n\n| recipe | seeds | epoch 20, one view: mean (range) | with flip TTA | "
+              f"train s, alone |\n| --- | --- | --- | --- | --- |")
+        order = sorted(summary["batches"][batch].items(), key=lambda kv: -kv[1]["final_test_acc"]["mean"])
+        for name, s in order:
+            seconds = " ".join(f"{x:.1f}" for x in s["train_seconds_alone"]) or "-"
+            print(f"| {name} | {len(s['seeds'])} | {cell(s['final_test_acc'])} | {cell(s['final_test_acc_tta'])} "
+                  f"| {seconds} |")
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
