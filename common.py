@@ -4,12 +4,16 @@ Imports only data.py and resnet.py, so train.py, lr_range.py, gradcam.py and ben
 copied with this file, data.py and resnet.py. Nothing here keeps state between calls.
 """
 import argparse
+import errno
 import json
 import math
 import os
 import pickle
 import re
+import signal
+import sys
 import tempfile
+import threading
 
 import torch
 
@@ -168,9 +172,14 @@ def make_optimizer(model, name, lr, wd, bn_wd=True):
 # Files: atomic writes, checkpoints
 
 
+class DiskFull(UserError):
+    """The disk filled up while a file was written; what was there before is intact."""
+
+
 def save_atomic(path, write):
     """write(f) into a temp file in the same folder, fsync, then os.replace: a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
+    moment leaves either the old file or the new one, never a torn one. A full disk is DiskFull,
+    one sentence, with the temp file removed."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
@@ -180,14 +189,37 @@ def save_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):
+            raise DiskFull(f"no space left on the disk of {os.path.dirname(path) or '.'} while writing "
+                           f"{os.path.basename(path)}; free some space there and run again") from None
         raise
 
 
+def disk_full(error):
+    """ENOSPC, also where torch's zip writer wraps it in a RuntimeError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def finite_or_none(obj):
+    """obj with every NaN or infinity replaced by None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(value) for value in obj]
+    return obj
+
+
 def save_json(path, obj):
-    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    save_atomic(path, lambda f: f.write(json.dumps(finite_or_none(obj), indent=1, allow_nan=False).encode()))
 
 
 def check_writable(folder):
@@ -198,6 +230,52 @@ def check_writable(folder):
         os.unlink(os.path.join(folder, ".write-test"))
     except OSError as e:
         raise UserError(f"cannot write to {folder} ({e.strerror}); choose another --out") from None
+
+
+TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what save_atomic writes before its rename
+
+
+class FolderLock:
+    """An output folder, locked for as long as a script writes to it: a second script aimed at it is
+    refused at once. The operating system drops the lock when the process dies, so a killed run never
+    leaves it locked; the temp files its last save left behind are removed. (flock on the folder
+    itself leaves no file; where fcntl is missing, as on Windows, there is no lock.)"""
+
+    def __init__(self, path, script, log=print, enabled=True):
+        self.path, self.script, self.log, self.enabled, self.fd = path, script, log, enabled, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        check_writable(self.path)
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UserError(f"another {self.script} is writing to {self.path}; wait for it to finish, "
+                            f"or choose another --out") from None
+        stale = [name for name in os.listdir(self.path) if TEMP_FILE.match(name)]
+        for name in stale:
+            os.unlink(os.path.join(self.path, name))
+        if stale:
+            self.log(f"Removed {len(stale)} temp file(s) that a killed run left in {self.path}")
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def exit_cleanly_on_sigterm():
+    """SIGTERM (a scheduler's or `kill`'s) raises SystemExit(143) instead of killing the process
+    on the spot, so open saves remove their temp files on the way out."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def save_png(fig, path, dpi=110):

@@ -77,6 +77,8 @@ def test_torchrun_killed_then_resumed(cifar, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
+    single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", out / "last.pt")
+    assert single.returncode == 1 and "saved by 2 process(es)" in single.stderr
     res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                      "--device", "cpu", "--data-dir", cifar, "--resume", out / "last.pt")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -84,4 +86,4 @@ def test_torchrun_killed_then_resumed(cifar, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["world_size"] == 2
     single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", out / "last.pt")
-    assert single.returncode == 1 and "saved by 2 process(es)" in single.stderr
+    assert single.returncode == 0 and "is a finished run (2 of 2 epochs)" in single.stdout, single.stderr

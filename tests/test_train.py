@@ -1,4 +1,5 @@
 import copy
+import itertools
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import torch
 
 import common
 import data
+import plumbing
 import train
 from resnet import ResNet18
 from conftest import REPO, run_script
@@ -112,7 +114,7 @@ def test_shortest_onecycle_runs_and_shorter_is_a_clear_error(cifar, tmp_path):
 def test_curves_say_when_the_train_loss_is_against_smoothed_targets(tmp_path, smoothing, label):
     history = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 1.9 / e, "train_acc": 30.0 * e, "test_acc": 31.0 * e}
                for e in (1, 2)]
-    fig = train.plot_curves(history, str(tmp_path / "curves.png"), smoothing)
+    fig = plumbing.plot_curves(history, str(tmp_path / "curves.png"), smoothing)
     loss_legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert loss_legend == [label, "test"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -210,7 +212,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeyp
 
     monkeypatch.setattr(train.nn, "CrossEntropyLoss", PoisonedLoss)
     out = tmp_path / "run"
-    with pytest.raises(train.NonFiniteLoss, match="epoch 2, step 1;.*lower --max-lr"):
+    with pytest.raises(plumbing.NonFiniteLoss, match="epoch 2, step 1;.*lower --max-lr"):
         tiny_fit(cifar, out, epochs=2)
     last = common.load_checkpoint(str(out / "last.pt"))
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -311,11 +313,11 @@ def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
 
 def test_a_second_run_into_a_locked_folder_is_refused_at_once(tmp_path):
     folder = tmp_path / "run"
-    with train.RunFolder(str(folder), log=lambda *a: None):
+    with common.FolderLock(str(folder), "train.py", log=lambda *a: None):
         with pytest.raises(common.UserError, match="another train.py is writing to .*run; wait for it"):
-            with train.RunFolder(str(folder)):
+            with common.FolderLock(str(folder), "train.py"):
                 pass
-    with train.RunFolder(str(folder)):  # released on exit
+    with common.FolderLock(str(folder), "train.py"):  # released on exit
         pass
 
 
@@ -368,14 +370,14 @@ def test_resuming_a_finished_run_changes_nothing(cifar, tmp_path):
 
 def test_resuming_an_earlier_checkpoint_needs_overwrite(cifar, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    end_epoch = train.end_epoch
+    end_epoch = plumbing.end_epoch
 
     def keep_epoch_1(state, *args):  # a copy of last.pt after epoch 1, like a best.pt from then
         end_epoch(state, *args)
         if state.epoch == 1:
             shutil.copy(out / "last.pt", out / "epoch1.pt")
 
-    monkeypatch.setattr(train, "end_epoch", keep_epoch_1)
+    monkeypatch.setattr(plumbing, "end_epoch", keep_epoch_1)
     tiny_fit(cifar, out, epochs=2)
     last = (out / "last.pt").read_bytes()
     res = run_script("train.py", "--resume", out / "epoch1.pt", "--data-dir", cifar, "--device", "cpu")
@@ -390,7 +392,7 @@ def test_resuming_an_earlier_checkpoint_needs_overwrite(cifar, tmp_path, monkeyp
 
 def test_one_epoch_curves_have_whole_number_ticks(tmp_path):
     history = [{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "train_acc": 30.0, "test_acc": 31.0}]
-    fig = train.plot_curves(history, str(tmp_path / "curves.png"))
+    fig = plumbing.plot_curves(history, str(tmp_path / "curves.png"))
     for ax in fig.axes:
         low, high = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if low <= t <= high]
@@ -445,7 +447,8 @@ def test_no_bn_wd_spares_the_one_dimensional_parameters(bn_wd):
     assert sum(p.ndim <= 1 for p in model.parameters()) == 20 * 2 + 1  # 20 BN layers' scale and shift, 1 bias
 
 
-def test_fixed_shape_evaluation_pads_the_last_batch_and_changes_no_result():
+def test_padded_evaluation_pads_the_last_batch_and_changes_no_result():
+    """Image and mirror go through the model as one batch; pad=True pads the last one to full size."""
     torch.manual_seed(0)
     model = ResNet18()
     model.train()
@@ -455,11 +458,11 @@ def test_fixed_shape_evaluation_pads_the_last_batch_and_changes_no_result():
     hook = model.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape[0]))
     images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (100,))
-    padded = train.evaluate(model, images, labels, 64, tta=True, fixed_shape=True)
-    assert shapes == [64, 64, 64, 64]  # two batches, each with its mirror; the last padded from 36
+    padded = train.evaluate(model, images, labels, 64, tta=True, pad=True)
+    assert shapes == [128, 128]  # two batches of 64 images and their mirrors; the last padded from 36
     shapes.clear()
-    plain = train.evaluate(model, images, labels, 64, tta=True, fixed_shape=False)
-    assert shapes == [64, 64, 36, 36]
+    plain = train.evaluate(model, images, labels, 64, tta=True, pad=False)
+    assert shapes == [128, 72]
     hook.remove()
     assert padded["per_class"] == plain["per_class"] and padded["per_class_tta"] == plain["per_class_tta"]
     assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and padded["total"] == 100
@@ -473,12 +476,20 @@ def test_warm_up_leaves_no_trace(cifar):
     images, labels = images[:64], labels[:64]
     torch.manual_seed(0)
     net = ResNet18().to(memory_format=torch.channels_last)
-    state = train.TrainState(args, net, 0.2, None, classes, 2, None, 0, 1)
+    state = train.new_state(args, net, 0.2, None, classes, 2, None, 0, 1)
     before = copy.deepcopy(state.checkpoint())
-    seconds = train.warm_up(net, net, state, torch.nn.CrossEntropyLoss(), images, labels, images[:40], labels[:40],
-                            None)
+    criterion = torch.nn.CrossEntropyLoss()
+    batches = train.epoch_batches(images, labels, args, 0, data.device_generator(images.device, 5))
+    stepped = []
+
+    def train_steps(n):
+        stepped.append(n)
+        train.train_epoch(net, itertools.islice(batches, n), criterion, state.optimizer, state.scaler,
+                          state.scheduler)
+
+    seconds = plumbing.warm_up(train_steps, lambda: train.evaluate(net, images[:40], labels[:40], 16), state)
     after = state.checkpoint()
-    assert seconds > 0
+    assert seconds > 0 and stepped == [3] and state.scheduler.last_epoch == before["scheduler"]["last_epoch"]
     for key, value in before["model"].items():
         assert torch.equal(value, after["model"][key]), key
     assert after["optimizer"] == before["optimizer"] and after["scheduler"] == before["scheduler"]
@@ -556,7 +567,7 @@ def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch):
     torch.compile is replaced by a recorder: compiling on the CPU would take minutes)."""
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
-    monkeypatch.setattr(train, "warm_up", lambda *a, **k: 0.5)
+    monkeypatch.setattr(plumbing, "warm_up", lambda *a, **k: 0.5)
     tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384, compile=True, compile_mode="max-autotune")
     assert modes == ["max-autotune", "max-autotune"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
