@@ -29,11 +29,17 @@ class UserError(Exception):
 # Command-line argument types: argparse turns their ArgumentTypeError into a one-line usage error
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def int_at_least(minimum):
+    """An argparse type: a whole number of at least minimum."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def positive_float(text):
@@ -236,13 +242,13 @@ TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what save_atomic writes before its ren
 
 
 class FolderLock:
-    """An output folder, locked for as long as a script writes to it: a second script aimed at it is
-    refused at once. The operating system drops the lock when the process dies, so a killed run never
-    leaves it locked; the temp files its last save left behind are removed. (flock on the folder
-    itself leaves no file; where fcntl is missing, as on Windows, there is no lock.)"""
+    """An output folder, locked for as long as a train.py or gradcam.py run writes to it: a second
+    run aimed at it is refused at once. The operating system drops the lock when the process dies,
+    so a killed run never leaves it locked; the temp files its last save left behind are removed.
+    (flock on the folder itself leaves no file; where fcntl is missing, as on Windows, no lock.)"""
 
-    def __init__(self, path, script, log=print, enabled=True):
-        self.path, self.script, self.log, self.enabled, self.fd = path, script, log, enabled, None
+    def __init__(self, path, log=print, enabled=True):
+        self.path, self.log, self.enabled, self.fd = path, log, enabled, None
 
     def __enter__(self):
         if not self.enabled:
@@ -257,7 +263,7 @@ class FolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise UserError(f"another {self.script} is writing to {self.path}; wait for it to finish, "
+            raise UserError(f"another train.py or gradcam.py is writing to {self.path}; wait for it to finish, "
                             f"or choose another --out") from None
         stale = [name for name in os.listdir(self.path) if TEMP_FILE.match(name)]
         for name in stale:

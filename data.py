@@ -169,8 +169,24 @@ def _uniform(n, generator, device):
     return torch.rand(n, generator=generator, device=_generator_device(generator, device)).to(device)
 
 
+def one_or_batch(transform):
+    """Let a batch transform (N x C x H x W) take one C x H x W image too, returning one image."""
+    @functools.wraps(transform)
+    def wrapper(images, *args, **kwargs):
+        if images.dim() == 3:
+            return transform(images[None], *args, **kwargs)[0]
+        if images.dim() != 4:
+            raise ValueError(f"{transform.__name__} takes a batch N x C x H x W or one image C x H x W, "
+                             f"not shape {tuple(images.shape)}")
+        return transform(images, *args, **kwargs)
+    return wrapper
+
+
+@one_or_batch
 def random_crop(images, padding=4, generator=None):
-    """RandomCrop(size, padding) for a batch: zero-pad, then an independent window per image."""
+    """RandomCrop(size, padding) for a batch (uint8 or float): zero-pad, then an independent window
+    per image. A window is picked by gathering rows, then columns: index tensors shaped to broadcast
+    over (image, channel, row, column)."""
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
     dy = _randint(2 * padding + 1, n, generator, images.device)
@@ -182,6 +198,7 @@ def random_crop(images, padding=4, generator=None):
     return padded[batch, channel, rows, cols]
 
 
+@one_or_batch
 def flip(images, generator=None, mask=None):
     """Horizontal flip of a random half of the batch, or of the images where mask is True."""
     if mask is None:
@@ -197,13 +214,15 @@ def alternating_flips(n, seed, epoch, device=None):
     return (first ^ (epoch % 2)).bool().to(device)
 
 
+@one_or_batch
 def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     """Cutout (DeVries & Taylor 2017): one size x size hole per image, centre uniform over the
-    image, clipped at the borders. Apply after normalize so fill=0 is the data mean.
+    image, clipped at the borders. Apply after normalize so fill=0 is the data mean; fill may also
+    be one value per channel, and for uint8 images must be whole numbers in 0..255.
     With p < 1 each image gets its hole with probability p (albumentations' Cutout, which the
     spec's run used, defaults to p=0.5). p=1 draws no extra random numbers, so a seed gives the
     same holes as before p existed."""
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     cy = _randint(h, n, generator, images.device)[:, None]
     cx = _randint(w, n, generator, images.device)[:, None]
     ys = torch.arange(h, device=images.device)[None]
@@ -213,7 +232,21 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]
     if p < 1:
         hole = hole & (_uniform(n, generator, images.device) < p)[:, None, None, None]
-    return images.masked_fill(hole, fill)
+    if isinstance(fill, (int, float)) and (images.is_floating_point() or fill in range(256)):
+        return images.masked_fill(hole, fill)  # the training path: no tensor made per batch
+    return torch.where(hole, _fill_tensor(fill, images), images)
+
+
+def _fill_tensor(fill, images):
+    """fill (a number or one per channel) as a 1 x C x 1 x 1 tensor of the images' dtype."""
+    values = torch.as_tensor(fill, dtype=torch.float64).flatten()
+    if len(values) not in (1, images.shape[1]):
+        raise ValueError(f"cutout's fill has {len(values)} values for {images.shape[1]} channels; pass one "
+                         f"number or one per channel")
+    if not images.is_floating_point() and ((values != values.round()) | (values < 0) | (values > 255)).any():
+        raise ValueError(f"cutout on uint8 images needs a fill of whole numbers in 0..255, not {fill}; cut "
+                         f"after data.normalize to fill with normalized values")
+    return values.to(images.dtype).to(images.device).view(1, -1, 1, 1)
 
 
 def train_transform(images, generator=None, use_flip=True, cutout_p=1.0, flip_mask=None):

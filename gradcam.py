@@ -26,68 +26,101 @@ import data
 
 
 class GradCAM:
-    """Class activation maps from a target layer's activations A and gradients dy^c/dA.
+    """Grad-CAM (Selvaraju et al. 2017): where a convolutional layer saw evidence for a class.
 
-    map = ReLU(sum_k alpha_k A^k), alpha_k = spatial mean of dy^c/dA^k, y^c the logit (before
-    softmax); upsampled bilinearly to the input size and scaled to [0, 1] per map. One forward
-    and one backward for the whole batch. Use as a context manager so the hooks are removed.
+        cam = GradCAM(model, "layer3")        # a module name, or the module: GradCAM(model, model.layer3)
+        maps, logits = cam(images)            # maps for the predicted classes, N x H x W in [0, 1]
+        maps, logits = cam(images, labels)    # one class per image, or one class (an int) for all
+
+    map = ReLU(sum_k alpha_k A^k), with A the layer's activations, alpha_k the spatial mean of the
+    gradient of the class's logit (before softmax) with respect to A^k; upsampled bilinearly to the
+    input size and scaled to [0, 1] per map. images are the normalized float inputs the model takes,
+    a batch N x C x H x W or one image C x H x W (its map is then H x W), moved to the model's
+    device. One forward and one backward per call; the model's mode, its parameters' requires_grad
+    and their .grad are left as they were.
     """
 
-    def __init__(self, model, target_layer):
+    def __init__(self, model, layer):
         self.model = model
-        self.layer = find_layer(model, target_layer) if isinstance(target_layer, str) else target_layer
-        self.activations = self.gradients = None
-        self._hook = None
-
-    def __enter__(self):
-        self._hook = self.layer.register_forward_hook(self._keep_activations)
-        return self
-
-    def __exit__(self, *exc):
-        self._hook.remove()
-        self._hook = self.activations = self.gradients = None
-
-    def _keep_activations(self, module, inputs, output):
-        self.activations = output
-        if output.requires_grad:
-            output.register_hook(self._keep_gradients)
-
-    def _keep_gradients(self, grad):
-        self.gradients = grad
+        self.layer = layer if isinstance(layer, nn.Module) else dict(model.named_modules()).get(layer)
+        if self.layer is None or layer == "":
+            names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+            raise ValueError(f"{layer!r} is not a module of this model; pass a module or the name of one, "
+                             f"such as {', '.join(names[-3:])}")
 
     def __call__(self, images, class_idx=None):
-        """Maps (N x H x W in [0, 1]) and logits for a batch; class_idx defaults to the prediction."""
-        if self._hook is None:
-            raise RuntimeError("use GradCAM as a context manager: with GradCAM(model, 'layer3') as cam: ...")
-        was_training = self.model.training
-        requires_grad = [p.requires_grad for p in self.model.parameters()]
+        if not images.is_floating_point():
+            raise ValueError(f"GradCAM takes the normalized float images the model was trained on, not "
+                             f"{images.dtype}; normalize them first (data.normalize for CIFAR-10)")
+        single = images.dim() == 3
+        x = (images[None] if single else images).detach().to(next(self.model.parameters()).device, torch.float32)
+        kept = {}
+
+        def keep(module, inputs, output):
+            kept["activations"] = output
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: kept.__setitem__("gradients", grad))
+
+        hook = self.layer.register_forward_hook(keep)
+        was_training, requires_grad = self.model.training, [p.requires_grad for p in self.model.parameters()]
         try:
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)  # gradients flow to the input only: no parameter .grad touched
             with torch.enable_grad():
-                logits = self.model(images.detach().float().requires_grad_(True))
-                if class_idx is None:
-                    class_idx = logits.argmax(1)
-                class_idx = torch.as_tensor(class_idx, device=logits.device).view(-1, 1)
-                logits.gather(1, class_idx).sum().backward()
-            activations, gradients = self.activations.detach(), self.gradients
+                logits = self.model(x.requires_grad_(True))
+                self.check_map(kept.get("activations"))
+                logits.gather(1, self.classes_for(class_idx, logits)[:, None]).sum().backward()
         finally:
+            hook.remove()
             for p, flag in zip(self.model.parameters(), requires_grad):
                 p.requires_grad_(flag)
             self.model.train(was_training)
-            self.activations = self.gradients = None
-        return cam_from(activations, gradients, images.shape[-2:]), logits.detach()
+        if "gradients" not in kept:
+            raise ValueError("the class scores do not depend on this layer's output; pick a layer on the path "
+                             "from the input to the logits")
+        maps = cam_from(kept["activations"].detach(), kept["gradients"], x.shape[-2:])
+        return (maps[0], logits[0].detach()) if single else (maps, logits.detach())
+
+    @staticmethod
+    def check_map(activations):
+        """The target layer's output must be a map of at least 2 x 2 to localize anything."""
+        if activations is None:
+            raise ValueError("the target layer was not called by the model's forward; pick one that is")
+        if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
+            what = tuple(activations.shape) if isinstance(activations, torch.Tensor) else type(activations).__name__
+            raise ValueError(f"the target layer's output ({what}) is not a spatial map N x C x H x W; pick a "
+                             f"convolution or a block of them")
+        h, w = activations.shape[-2:]
+        if h * w < 4:
+            raise ValueError(f"the target layer's map is {h} x {w} at this input size, too small to localize "
+                             f"anything; pick an earlier layer")
+
+
+    @staticmethod
+    def classes_for(class_idx, logits):
+        """One class index per image: the predicted ones (None), one for all (an int), or one each."""
+        if class_idx is None:
+            return logits.argmax(1)
+        classes = torch.as_tensor(class_idx, device=logits.device).long().flatten()
+        if len(classes) == 1:
+            classes = classes.expand(len(logits))
+        if len(classes) != len(logits) or not ((classes >= 0) & (classes < logits.shape[1])).all():
+            raise ValueError(f"class_idx must be one class in 0..{logits.shape[1] - 1} for all images or one "
+                             f"per image ({len(logits)}), not {class_idx}")
+        return classes
 
 
 def cam_from(activations, gradients, size):
-    """The Grad-CAM formula on activations and gradients of shape N x K x h x w."""
+    """The Grad-CAM formula on activations and gradients of shape N x K x h x w. A map that is flat
+    (no positive evidence, or equal everywhere up to rounding) is all zeros."""
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activations).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     low = cam.amin(dim=(1, 2), keepdim=True)
     span = cam.amax(dim=(1, 2), keepdim=True) - low
-    return torch.where(span > 0, (cam - low) / span.clamp(min=1e-12), torch.zeros_like(cam))
+    flat = span <= 1e-5 * cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(flat, torch.zeros_like(cam), (cam - low) / span.clamp(min=1e-12))
 
 
 def find_layer(model, name):
@@ -102,17 +135,20 @@ def find_layer(model, name):
 
 
 @torch.no_grad()
-def predict(model, images, mean, std, batch_size=1000, tta=False):
+def predict(model, images, mean, std, batch_size=1000, tta=False, progress=None):
     """Softmax probabilities for uint8 images, in order; with tta, of the mean of each image's
-    logits and its mirror's, as train.py --tta scores the test set."""
+    logits and its mirror's (one forward for both), as train.py --tta scores the test set.
+    progress, if given (print, say), gets a line every 2,000 images of a longer set."""
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = data.normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(x.flip(-1).contiguous(memory_format=torch.channels_last)).float()) / 2
-        out.append(F.softmax(logits, 1))
+    for first in range(0, len(images), batch_size):
+        x = data.normalize(images[first:first + batch_size], mean, std)
+        views = torch.cat([x, x.flip(-1)]) if tta else x
+        logits = model(views.contiguous(memory_format=torch.channels_last)).float()
+        out.append(F.softmax(logits.view(2, len(x), -1).mean(0) if tta else logits, 1))
+        done = first + len(x)
+        if progress is not None and len(images) > 2000 and (done % 2000 < batch_size or done == len(images)):
+            progress(f"scored {done:,}/{len(images):,} test images", flush=True)
     return torch.cat(out)
 
 
@@ -205,83 +241,229 @@ def draw_confusion(matrix, classes, path=None):
     return fig
 
 
+MAX_COUNT = 50  # rows of gradcam.png; more would take minutes and gigabytes to draw
+
+
+def load_model(ckpt, device="auto"):
+    """(model in eval mode, classes, mean, std, whether the run tested with flip TTA) from a
+    train.py checkpoint. Raises common.UserError with one sentence."""
+    device = common.resolve_device(device)
+    state = common.load_checkpoint(ckpt)
+    model, classes, mean, std = common.model_from_checkpoint(state, device, ckpt)
+    return model.eval(), classes, mean, std, bool((state.get("args") or {}).get("tta", False))
+
+
+def refuse_non_finite(probs, ckpt):
+    if not torch.isfinite(probs).all():
+        raise common.UserError(f"the model in {ckpt} gives non-finite outputs (its training diverged); use an "
+                               f"earlier checkpoint, or train again with a lower --max-lr")
+
+
 def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.5, seed=None, limit_test=None,
            device="auto", download=True, tta=None):
     """Evaluate a checkpoint on the test set, then write (into out, default the checkpoint's folder)
     and return the figures: {'summary', 'misclassified', 'gradcam', 'confusion'} (figures are None
     when nothing was misclassified). Predictions use flip TTA if the run was tested with it (tta=None)
     or as tta says. Raises common.UserError or data.DataError with one sentence."""
-    device = common.resolve_device(device)
-    out = out or os.path.dirname(ckpt) or "."  # as the user typed it: the figures' path is printed
-    state = common.load_checkpoint(ckpt)
-    model, classes, mean, std = common.model_from_checkpoint(state, device, ckpt)
-    tta = bool((state.get("args") or {}).get("tta", False)) if tta is None else tta
+    if not 1 <= count <= MAX_COUNT:
+        raise common.UserError(f"--count must lie in 1..{MAX_COUNT} (one figure row per image); for other "
+                               f"images, run again with another --seed")
+    model, classes, mean, std, run_tta = load_model(ckpt, device)
+    tta = run_tta if tta is None else tta
     find_layer(model, layer)
-    common.check_writable(out)
-    images, labels, _ = data.load_cifar10(data_dir, "test", download=download)
-    images, labels = images[:limit_test].to(device), labels[:limit_test].to(device)
-
-    probs = predict(model, images, mean, std, tta=tta)
-    predicted = probs.argmax(1)
-    accuracy = 100 * (predicted == labels).double().mean().item()
-    matrix = confusion_matrix(predicted, labels, len(classes))
-    chosen = misclassified(probs, labels, count, seed).to(device)
-    print(f"{ckpt}: {accuracy:.2f}% on {len(images):,} test images{' with flip TTA' if tta else ''}; "
-          f"{int((predicted != labels).sum())} misclassified")
-    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(predicted[i])],
-                "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
-               for i in chosen]
-    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(images), "tta": tta,
-               "test_accuracy": accuracy, "misclassified": records}
-    common.save_json(os.path.join(out, "misclassified.json"), summary)
-    common.save_json(os.path.join(out, "confusion.json"), {"checkpoint": ckpt, "classes": classes,
-                                                           "rows": "actual", "columns": "predicted",
-                                                           "counts": matrix.tolist()})
-    figures = {"summary": summary, "misclassified": None, "gradcam": None,
-               "confusion": draw_confusion(matrix.numpy(), classes, os.path.join(out, "confusion.png"))}
-    if not records:
-        print(f"no misclassified images: nothing to draw (wrote misclassified.json with an empty list, "
-              f"confusion.png and confusion.json to {out})")
-        return figures
-
-    x = data.normalize(images[chosen], mean, std).contiguous(memory_format=torch.channels_last)
-    with GradCAM(model, layer) as cam:
-        pred_maps, _ = cam(x, predicted[chosen])
-        true_maps, _ = cam(x, labels[chosen])
-    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
-    actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]
-    figures["misclassified"] = draw_misclassified(pictures, actual, predicted, os.path.join(out, "misclassified.png"))
-    figures["gradcam"] = draw_gradcam(pictures, pred_maps.cpu().numpy(), true_maps.cpu().numpy(), actual, predicted,
-                                      [r["confidence"] for r in records], alpha, layer,
-                                      os.path.join(out, "gradcam.png"))
+    out = out or os.path.dirname(ckpt) or "."  # as the user typed it: the figures' path is printed
+    with common.FolderLock(out):
+        images, labels, _ = data.load_cifar10(data_dir, "test", download=download)
+        images, labels = images[:limit_test].to(next(model.parameters()).device), labels[:limit_test]
+        probs = predict(model, images, mean, std, tta=tta, progress=print).cpu()
+        refuse_non_finite(probs, ckpt)
+        summary, chosen = write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed)
+        matrix = confusion_matrix(probs.argmax(1), labels, len(classes)).numpy()
+        figures = {"summary": summary, "misclassified": None, "gradcam": None,
+                   "confusion": draw_confusion(matrix, classes, os.path.join(out, "confusion.png"))}
+        if not summary["misclassified"]:
+            print(f"no misclassified images: nothing to draw (wrote misclassified.json with an empty list, "
+                  f"confusion.png and confusion.json to {out})")
+            return figures
+        figures.update(draw_report(model, images[chosen], labels[chosen], probs[chosen], summary, mean, std, alpha,
+                                   layer, out))
     print(f"wrote misclassified.png, gradcam.png, confusion.png and their JSON files to {out}")
     return figures
 
 
-def main(argv=None):
+def write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed):
+    """misclassified.json and confusion.json; returns the summary and the chosen images' indices."""
+    predicted = probs.argmax(1)
+    accuracy = 100 * (predicted == labels).double().mean().item()
+    chosen = misclassified(probs, labels, count, seed)
+    print(f"{ckpt}: {accuracy:.2f}% on {len(labels):,} test images{' with flip TTA' if tta else ''}; "
+          f"{int((predicted != labels).sum())} misclassified")
+    records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(predicted[i])],
+                "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
+               for i in chosen]
+    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(labels), "tta": tta,
+               "test_accuracy": accuracy, "misclassified": records}
+    common.save_json(os.path.join(out, "misclassified.json"), summary)
+    common.save_json(os.path.join(out, "confusion.json"), {
+        "checkpoint": ckpt, "classes": classes, "rows": "actual", "columns": "predicted",
+        "counts": confusion_matrix(predicted, labels, len(classes)).tolist()})
+    return summary, chosen
+
+
+def draw_report(model, images, labels, probs, summary, mean, std, alpha, layer, out):
+    """misclassified.png and gradcam.png of the chosen test images."""
+    x = data.normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+    cam = GradCAM(model, find_layer(model, layer))
+    pred_maps, _ = cam(x, probs.argmax(1))
+    true_maps, _ = cam(x, labels)
+    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
+    records = summary["misclassified"]
+    actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]
+    return {"misclassified": draw_misclassified(pictures, actual, predicted, os.path.join(out, "misclassified.png")),
+            "gradcam": draw_gradcam(pictures, pred_maps.cpu().numpy(), true_maps.cpu().numpy(), actual, predicted,
+                                    [r["confidence"] for r in records], alpha, layer, os.path.join(out, "gradcam.png"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Any image: what the model sees in a photo of the user's own
+
+
+def read_image(path):
+    """uint8 RGB C x H x W from a JPEG, PNG, GIF or WebP file (grey and RGBA converted to RGB).
+    Raises common.UserError naming the file when it is missing or not an image."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if not os.path.isfile(path):
+        raise common.UserError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError):
+        raise common.UserError(f"{path} is not an image that can be read (JPEG, PNG, GIF or WebP)") from None
+
+
+def fit_32(image, size=32):
+    """A uint8 C x H x W image of any size as the model's size x size input, the way photos are
+    usually prepared for a classifier: the shorter side resized to size (antialiased), the centre kept."""
+    from torchvision.transforms.functional import center_crop, resize
+
+    return center_crop(resize(image, size, antialias=True), size)
+
+
+def explain(model, image, classes, mean, std, layer="layer3", class_name=None, tta=False, top_k=3):
+    """Top-k classes and Grad-CAM maps for one uint8 C x 32 x 32 image: a dict with 'top' [(class,
+    probability)], 'probabilities' {class: p} and 'maps' {class: H x W numpy map} for the top class
+    and class_name (when given)."""
+    x = data.normalize(image[None].to(next(model.parameters()).device), mean, std)
+    probs = predict(model, image[None].to(x.device), mean, std, tta=tta)[0].cpu()
+    refuse_non_finite(probs, "the checkpoint")
+    wanted = [int(probs.argmax())] + ([classes.index(class_name)] if class_name else [])
+    cam = GradCAM(model, find_layer(model, layer))
+    maps = {classes[c]: cam(x[0], c)[0].cpu().numpy() for c in dict.fromkeys(wanted)}
+    top = probs.topk(min(top_k, len(classes)))
+    return {"top": [(classes[int(i)], float(p)) for p, i in zip(top.values, top.indices)],
+            "probabilities": dict(zip(classes, probs.tolist())), "maps": maps}
+
+
+def explain_images(ckpt, paths, out=None, layer="layer3", class_name=None, alpha=0.5, top_k=3, device="auto",
+                   tta=None):
+    """gradcam.py --image: each file read, brought to 32 x 32 (fit_32) and explained; writes
+    gradcam_images.png and gradcam_images.json into out (default the checkpoint's folder). A file
+    that cannot be read is named in one sentence and skipped. Returns the JSON's dict."""
+    model, classes, mean, std, run_tta = load_model(ckpt, device)
+    tta = run_tta if tta is None else tta
+    find_layer(model, layer)
+    if class_name is not None and class_name not in classes:
+        raise common.UserError(f"--class {class_name!r} is not one of the checkpoint's classes: {', '.join(classes)}")
+    out = out or os.path.dirname(ckpt) or "."
+    rows, records, errors = [], [], []
+    for path in paths:
+        try:
+            image = fit_32(read_image(path))
+        except common.UserError as e:
+            print(f"error: {e}; skipped", file=sys.stderr)
+            errors.append({"path": path, "error": str(e)})
+            continue
+        result = explain(model, image, classes, mean, std, layer, class_name, tta, top_k)
+        print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in result["top"]))
+        rows.append((path, image.permute(1, 2, 0).numpy() / 255, result))
+        records.append({"path": path, "top": [{"class": n, "probability": p} for n, p in result["top"]],
+                        "probabilities": result["probabilities"]})
+    summary = {"checkpoint": ckpt, "layer": layer, "tta": tta, "images": records, "errors": errors}
+    with common.FolderLock(out):
+        common.save_json(os.path.join(out, "gradcam_images.json"), summary)
+        if rows:
+            draw_explanations(rows, alpha, layer, os.path.join(out, "gradcam_images.png"))
+    print(f"wrote gradcam_images.json{' and gradcam_images.png' if rows else ''} to {out}")
+    return summary
+
+
+def draw_explanations(rows, alpha, layer, path=None):
+    """Per image: the 32 x 32 input, its top classes as bars, and a Grad-CAM overlay per class."""
+    from matplotlib.figure import Figure
+
+    panels = max(len(result["maps"]) for _, _, result in rows)
+    fig = Figure(figsize=(2.6 * (2 + panels), 2.6 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), 2 + panels, squeeze=False)
+    for row, (path, picture, result) in zip(axes, rows):
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(picture, interpolation="nearest")
+        row[0].set_title(os.path.basename(path)[:28] + "\n(as the model sees it)", fontsize=9)
+        names, probs = zip(*result["top"])
+        row[1].axis("on")
+        row[1].barh(range(len(names))[::-1], [100 * p for p in probs], color="C0")
+        row[1].set(yticks=range(len(names))[::-1], yticklabels=names, xlim=(0, 100), xlabel="%")
+        for ax, (name, cam) in zip(row[2:], result["maps"].items()):
+            ax.imshow(overlay(picture, cam, alpha), interpolation="bilinear")
+            ax.set_title(f"Grad-CAM for '{name}'\n" + evidence(cam, f"{100 * result['probabilities'][name]:.0f}%"),
+                         fontsize=9)
+    fig.suptitle(f"Top classes and Grad-CAM on {layer}", fontsize=11)
+    common.save_png(fig, path)
+    return fig
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    parser.add_argument("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
-    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="download CIFAR-10 into --data-dir when it is missing (default on)")
-    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
-    parser.add_argument("--layer", default="layer3",
-                        help="target layer by module name: conv1, layer1 to layer4, a block such as layer3.0, or a "
-                             "convolution in one (default layer3: an 8x8 map; layer4's is 4x4)")
-    parser.add_argument("--count", type=common.positive_int, default=10, help="images to show (default 10)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="pick a random set of misclassified images with this seed (default: the first ones)")
-    parser.add_argument("--limit-test", type=common.positive_int, default=None,
-                        help="search only the first N test images")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="predict from each image and its mirror (default: as the run was tested)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add = parser.add_argument
+    add("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
+    add("--image", nargs="+", metavar="FILE",
+        help="explain these image files instead of the test set: any size, grey or RGBA too; the shorter side is "
+             "resized to 32 pixels (antialiased) and the centre 32 x 32 kept, as the model saw CIFAR-10")
+    add("--class", dest="class_name", default=None, help="with --image: also show the map for this class")
+    add("--top-k", type=common.positive_int, default=3, help="with --image: classes listed per image (default 3)")
+    add("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
+    add("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch CIFAR-10 when it is missing")
+    add("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    add("--layer", default="layer3", help="target layer by module name: conv1, layer1 to layer4, a block such as "
+                                          "layer3.0, or a convolution in one (default layer3: an 8x8 map)")
+    add("--count", type=common.positive_int, default=10, help=f"images to show, at most {MAX_COUNT} (default 10)")
+    add("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
+    add("--seed", type=int, default=None, help="pick misclassified images at random with this seed (default: "
+                                               "the first ones)")
+    add("--limit-test", type=common.positive_int, default=None, help="search only the first N test images")
+    add("--tta", action=argparse.BooleanOptionalAction, default=None,
+        help="predict from each image and its mirror (default: as the run was tested)")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
         parser.error("--alpha must lie between 0 and 1")
+    if args.count > MAX_COUNT:
+        parser.error(f"--count must be at most {MAX_COUNT} (one figure row per image); for other images, run "
+                     f"again with another --seed")
     common.resolve_device(args.device, parser)
+    common.exit_cleanly_on_sigterm()
     try:
+        if args.image:
+            summary = explain_images(args.ckpt, args.image, args.out, args.layer, args.class_name, args.alpha,
+                                     args.top_k, args.device, args.tta)
+            if summary["errors"]:
+                sys.exit(1)
+            return summary
         return report(args.ckpt, args.data_dir, args.out, args.layer, args.count, args.alpha, args.seed,
                       args.limit_test, args.device, args.download, args.tta)["summary"]
     except (common.UserError, data.DataError) as e:

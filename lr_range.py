@@ -25,6 +25,8 @@ from resnet import ResNet18
 
 @dataclass
 class LRRangeResult:
+    """The sweep: each step's LR and loss, the loss smoothed, and the LRs read off the smoothed
+    curve (set by suggest()): the steepest descent (the suggestion), the minimum, a tenth of it."""
     lrs: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     smoothed: list = field(default_factory=list)
@@ -34,101 +36,90 @@ class LRRangeResult:
     diverged: bool = False
     step_mode: str = "exp"
 
+    def add(self, lr, loss, smooth):
+        """Record a step; returns the loss smoothed exponentially with weight smooth."""
+        smoothed = loss if not self.smoothed else smooth * loss + (1 - smooth) * self.smoothed[-1]
+        self.lrs.append(lr)
+        self.losses.append(loss)
+        self.smoothed.append(smoothed)
+        return smoothed
+
+    def suggest(self, skip_start=10, skip_end=5):
+        """The steepest slope of the smoothed curve on its way down to the minimum. The noisy first
+        skip_start and last skip_end points are ignored, as in torch-lr-finder; the search stops at
+        the minimum, since with label smoothing a curve that has blown up can drift down again at
+        absurd LRs without reaching the divergence threshold, and that is no usable peak LR."""
+        if not self.lrs:
+            return self
+        curve = np.array([s if math.isfinite(s) else math.inf for s in self.smoothed])
+        lowest = int(np.argmin(curve))
+        if len(curve) < skip_start + skip_end + 3:
+            skip_start, skip_end = 0, 0
+        stop = min(len(curve) - skip_end, lowest + 1)
+        steepest = lowest if stop - skip_start < 2 else skip_start + int(np.gradient(curve[skip_start:stop]).argmin())
+        self.suggested_lr, self.min_loss_lr = self.lrs[steepest], self.lrs[lowest]
+        self.min_loss_lr_div10 = self.min_loss_lr / 10
+        return self
+
     def to_dict(self):
         return asdict(self)
 
 
-def lr_schedule(start_lr, end_lr, num_iter, step_mode="exp"):
-    """The LR for each of num_iter steps; the first is start_lr and the last end_lr exactly."""
-    if step_mode not in ("exp", "linear"):
-        raise ValueError(f"step_mode must be 'exp' or 'linear', not {step_mode!r}")
-    if num_iter < 2:
-        raise ValueError("num_iter must be at least 2")
-    out = []
-    for i in range(num_iter):
-        t = i / (num_iter - 1)
-        out.append(start_lr * (end_lr / start_lr) ** t if step_mode == "exp" else start_lr + (end_lr - start_lr) * t)
-    out[-1] = end_lr
-    return out
-
-
-def steepest_index(smoothed, skip_start=10, skip_end=5):
-    """Index of the most negative slope of the smoothed curve on its way down to the minimum.
-
-    The noisy first skip_start and last skip_end points are ignored, as in torch-lr-finder. The
-    search also stops at the minimum: with label smoothing or a bounded loss, a curve that has
-    blown up can drift down again at absurd LRs (never reaching diverge_th), and that second
-    descent is not a usable peak LR.
-    """
-    smoothed = np.asarray(smoothed, dtype=np.float64)
-    if len(smoothed) < skip_start + skip_end + 3:
-        skip_start, skip_end = 0, 0
-    stop = min(len(smoothed) - skip_end, int(np.argmin(smoothed)) + 1)
-    if stop - skip_start < 2:
-        return int(np.argmin(smoothed))
-    return skip_start + int(np.gradient(smoothed[skip_start:stop]).argmin())
-
-
 def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10, num_iter=100,
-                  step_mode="exp", smooth=0.05, diverge_th=5, amp_dtype=None, transform=None):
-    """Sweep the LR over num_iter training steps and return the curve and a suggested peak LR.
+                  step_mode="exp", smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None):
+    """Sweep the LR from start_lr to end_lr (exactly) over num_iter training steps, exponentially or
+    linearly; stop once the smoothed loss passes diverge_th x its best. Returns an LRRangeResult.
 
-    `batches` is an iterable of (inputs, targets), iterated again when it runs out; `transform`
-    is applied to each input batch (e.g. the training augmentation). The model's parameters and
-    buffers (BN running stats included), its train/eval mode and the optimizer's state are put
-    back afterwards, so the test leaves no trace.
+    `batches` yields (inputs, targets, ...) of any length and on any device (a DataLoader, a list);
+    it is iterated again when it runs out, and each batch is moved to the model's device and passed
+    through `transform` (e.g. the training augmentation). amp_dtype (torch.bfloat16 or float16)
+    trains in mixed precision. progress(step, lr, loss), if given, is called after every step. The
+    model's weights and buffers, its train/eval mode and the optimizer's state are put back after.
     """
-    lrs = lr_schedule(start_lr, end_lr, num_iter, step_mode)
-    model_state = copy.deepcopy(model.state_dict())
-    optimizer_state = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
-    device = next(model.parameters()).device
+    if num_iter < 2 or step_mode not in ("exp", "linear") or not 0 < start_lr < end_lr:
+        raise ValueError("lr_range_test needs num_iter >= 2, step_mode 'exp' or 'linear' and 0 < start_lr < end_lr")
+    ts = [i / (num_iter - 1) for i in range(num_iter)]
+    lrs = [start_lr * (end_lr / start_lr) ** t if step_mode == "exp" else start_lr + (end_lr - start_lr) * t
+           for t in ts[:-1]] + [end_lr]
+    saved = copy.deepcopy([model.state_dict(), optimizer.state_dict()])
+    was_training, device = model.training, next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result = LRRangeResult(step_mode=step_mode)
-    best = math.inf
-    iterator = iter(batches)
+    result, best, iterator = LRRangeResult(step_mode=step_mode), math.inf, iter(batches)
     try:
         model.train()
-        for lr in lrs:
-            try:
-                inputs, targets = next(iterator)
-            except StopIteration:
+        for step, lr in enumerate(lrs):
+            batch = next(iterator, None)
+            if batch is None:  # once more from the start
                 iterator = iter(batches)
-                try:
-                    inputs, targets = next(iterator)
-                except StopIteration:
-                    break
-            if transform is not None:
-                inputs = transform(inputs)
+                batch = next(iterator, None)
+            if batch is None:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("batches must yield (inputs, targets) pairs, or tuples that start with them")
+            inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            inputs = transform(inputs) if transform is not None else inputs
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            # written out rather than common.autocast, so that this function copies alone
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = criterion(model(inputs), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             value = loss.item()
-            result.lrs.append(lr)
-            result.losses.append(value)
-            current = value if not result.smoothed else smooth * value + (1 - smooth) * result.smoothed[-1]
-            result.smoothed.append(current)
-            if not math.isfinite(current) or current > diverge_th * best:
+            smoothed = result.add(lr, value, smooth)
+            if progress is not None:
+                progress(step, lr, value)
+            if not math.isfinite(smoothed) or smoothed > diverge_th * best:
                 result.diverged = True
                 break
-            best = min(best, current)
+            best = min(best, smoothed)
     finally:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    if result.lrs:
-        finite = [s if math.isfinite(s) else math.inf for s in result.smoothed]
-        result.min_loss_lr = result.lrs[int(np.argmin(finite))]
-        result.min_loss_lr_div10 = result.min_loss_lr / 10
-        result.suggested_lr = result.lrs[steepest_index(finite)]
-    return result
+    return result.suggest()
 
 
 def plot_lr_range(result, path=None):
@@ -175,6 +166,17 @@ def lr_range_inputs(images, labels, batch_size, seed, use_flip, cutout_p):
     return batches(), augment
 
 
+def progress_printer(num_iter, lines=10):
+    """A progress callback for lr_range_test: about `lines` lines over the sweep."""
+    every = max(1, num_iter // lines)
+
+    def show(step, lr, loss):
+        if (step + 1) % every == 0 or step + 1 == num_iter:
+            print(f"step {step + 1}/{num_iter}  lr {lr:.3g}  loss {loss:.4f}", flush=True)
+
+    return show
+
+
 def build_parser():
     """Defaults are train.py's (a test checks it), so the curve is the one --max-lr auto sees."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +190,7 @@ def build_parser():
     p.add_argument("--batch-size", type=common.positive_int, default=512, help="batch size (default 512)")
     p.add_argument("--start-lr", type=common.positive_float, default=1e-7, help="first LR (default 1e-7)")
     p.add_argument("--end-lr", type=common.positive_float, default=10.0, help="last LR (default 10)")
-    p.add_argument("--num-iter", type=common.positive_int, default=100, help="steps in the sweep (default 100)")
+    p.add_argument("--num-iter", type=common.int_at_least(2), default=100, help="steps in the sweep (default 100)")
     p.add_argument("--step-mode", choices=["exp", "linear"], default="exp", help="LR spacing (default exp)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
     p.add_argument("--cutout-p", type=common.probability, default=0.5,
@@ -207,8 +209,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_iter < 2:
-        parser.error("--num-iter must be at least 2")
+    common.exit_cleanly_on_sigterm()
     if args.end_lr <= args.start_lr:
         parser.error("--end-lr must be larger than --start-lr")
     device = common.resolve_device(args.device, parser)
@@ -230,7 +231,7 @@ def main(argv=None):
                                        not args.no_flip, args.cutout_p)
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                            batches, args.start_lr, args.end_lr, args.num_iter, args.step_mode,
-                           amp_dtype=amp_dtype, transform=augment)
+                           amp_dtype=amp_dtype, transform=augment, progress=progress_printer(args.num_iter))
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print(f"suggested max LR (steepest slope): {result.suggested_lr:.3g}; minimum loss at {result.min_loss_lr:.3g}, "

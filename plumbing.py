@@ -360,7 +360,8 @@ class TrainState:
         """What the run folder holds that this run wrote or resumed from, in words."""
         if self.saved_epoch is None:
             return f"no checkpoint of this run was saved in {self.args.out}"
-        return f"the last good checkpoint, epoch {self.saved_epoch}, is kept in {os.path.join(self.args.out, 'last.pt')}"
+        last = os.path.join(self.args.out, "last.pt")
+        return f"the last good checkpoint, epoch {self.saved_epoch}, is kept in {last}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def train(args, ckpt, device, rank, world):
     started, log = time.perf_counter(), print if rank == 0 else (lambda *a, **k: None)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out = args.out or plumbing.broadcast_value(os.path.join("runs", stamp), world)
-    with common.FolderLock(args.out, "train.py", log, rank == 0), plumbing.StopSignals() as stop, \
+    with common.FolderLock(args.out, log, rank == 0), plumbing.StopSignals() as stop, \
             plumbing.TensorBoard(args.tensorboard if rank == 0 else None) as tb:
         train_x, train_y, test_x, test_y, classes = plumbing.load_data(args, device, rank, world)
         dtype = common.amp_dtype(device, args.amp)

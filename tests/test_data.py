@@ -225,3 +225,57 @@ def test_alternating_flips_show_each_image_both_ways_in_two_epochs():
     mask = torch.tensor([True, False, False, True])
     flipped = data.flip(images, mask=mask)
     assert torch.equal(flipped[mask], images[mask].flip(-1)) and torch.equal(flipped[~mask], images[~mask])
+
+
+def numpy_windows(image, padding=4):
+    """Every RandomCrop window of one C x H x W image, from numpy's own zero padding."""
+    padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)))
+    h, w = image.shape[1:]
+    return [padded[:, y:y + h, x:x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_one_image_is_cropped_flipped_and_cut_as_one_image(dtype):
+    image = torch.randint(1, 256, (3, 32, 32)).to(dtype)  # no zeros: the hole is where zeros are
+    gen = torch.Generator().manual_seed(0)
+    crop = data.random_crop(image, 4, gen)
+    assert crop.shape == (3, 32, 32) and crop.dtype == dtype
+    assert any(np.array_equal(crop.numpy(), window) for window in numpy_windows(image.numpy()))
+    flipped = data.flip(image, gen, torch.tensor([True]))
+    assert np.array_equal(flipped.numpy(), image.numpy()[:, :, ::-1])
+    cut = data.cutout(image, 16, 0, gen)
+    hole = (cut == 0).all(0)
+    rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+    assert cut.shape == (3, 32, 32) and int(hole.sum()) == len(rows) * len(cols)  # one rectangle
+    assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16  # 16 x 16, clipped by at most half at a border
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (2, 1, 3, 32, 32)])
+def test_a_shape_that_is_neither_one_image_nor_a_batch_is_one_sentence(shape):
+    with pytest.raises(ValueError, match=r"random_crop takes a batch N x C x H x W or one image C x H x W"):
+        data.random_crop(torch.zeros(shape))
+
+
+def test_cutout_fills_each_channel_with_its_value():
+    """albumentations' habit: the hole filled with the mean per channel."""
+    images = torch.rand(8, 3, 32, 32) + 1  # no pixel equals a fill value below 1
+    fill = (0.4914, 0.4822, 0.4465)
+    cut = data.cutout(images, 16, fill, torch.Generator().manual_seed(1))
+    hole = cut != images
+    assert torch.equal(hole[:, 0], hole[:, 1]) and torch.equal(hole[:, 0], hole[:, 2])
+    for c, value in enumerate(fill):
+        assert torch.all(cut[:, c][hole[:, c]] == torch.tensor(value))
+    assert 0 < int(hole[:, 0].sum(dim=(1, 2)).min()) and int(hole[:, 0].sum(dim=(1, 2)).max()) <= 256
+
+
+@pytest.mark.parametrize("fill, message", [
+    (0.5, "whole numbers in 0..255"), ((10, 20), "2 values for 3 channels"), (300, "whole numbers in 0..255")])
+def test_cutout_fills_that_do_not_fit_uint8_are_one_sentence(fill, message):
+    with pytest.raises(ValueError, match=message):
+        data.cutout(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16, fill)
+
+
+def test_cutout_on_uint8_with_a_per_channel_fill_of_whole_numbers():
+    images = torch.full((4, 3, 32, 32), 7, dtype=torch.uint8)
+    cut = data.cutout(images, 16, (125, 123, 114), torch.Generator().manual_seed(2))
+    assert cut.dtype == torch.uint8 and {125, 123, 114, 7} == set(cut.unique().tolist())

@@ -56,8 +56,7 @@ def test_matches_independent_autograd_computation(model, layer, which):
         predicted = model(x).argmax(1)
     classes = predicted if which == "predicted" else labels
     expected, expected_logits = reference_cam(model, x, classes, layer)
-    with GradCAM(model, layer) as cam:
-        maps, logits = cam(x, None if which == "predicted" else labels)
+    maps, logits = GradCAM(model, layer)(x, None if which == "predicted" else labels)
     assert maps.shape == (6, 32, 32)
     assert torch.allclose(logits, expected_logits, atol=1e-5)
     assert torch.allclose(maps, expected, atol=1e-4)
@@ -69,10 +68,8 @@ def test_hooks_removed_and_model_unchanged(model):
     model.linear.weight.grad = torch.ones_like(model.linear.weight)
     model.conv1.weight.requires_grad_(False)
     try:
-        with GradCAM(model, "layer3") as cam:
-            assert len(model.layer3._forward_hooks) == 1
-            cam(torch.randn(2, 3, 32, 32))
-        assert len(model.layer3._forward_hooks) == 0 and cam.activations is None and cam.gradients is None
+        GradCAM(model, "layer3")(torch.randn(2, 3, 32, 32))
+        assert len(model.layer3._forward_hooks) == 0
         assert model.training
         assert torch.equal(model.linear.weight.grad, torch.ones_like(model.linear.weight))
         assert model.layer1[0].conv1.weight.grad is None
@@ -87,9 +84,9 @@ def test_batch_equals_one_by_one(model):
     torch.manual_seed(2)
     x = torch.randn(5, 3, 32, 32)
     classes = torch.tensor([0, 3, 3, 9, 5])
-    with GradCAM(model, model.layer3) as cam:
-        batch, _ = cam(x, classes)
-        single = torch.cat([cam(x[i:i + 1], classes[i:i + 1])[0] for i in range(5)])
+    cam = GradCAM(model, model.layer3)
+    batch, _ = cam(x, classes)
+    single = torch.stack([cam(x[i], classes[i])[0] for i in range(5)])  # one C x H x W image at a time
     assert torch.allclose(batch, single, atol=1e-5)
 
 
@@ -101,15 +98,14 @@ def test_zero_map_stays_zero():
 
 
 @pytest.mark.parametrize("layer", ["layer9", "linear", "bn1", ""])
-def test_a_layer_without_a_spatial_map_is_a_clear_error(model, layer):
+def test_the_script_s_layer_without_a_spatial_map_is_a_clear_error(model, layer):
     with pytest.raises(common.UserError, match=f"--layer '{layer}' is not a convolutional layer.*conv1, layer1"):
-        GradCAM(model, layer)
+        gradcam.find_layer(model, layer)
 
 
 @pytest.mark.parametrize("layer", ["conv1", "layer2", "layer3.1", "layer3.1.conv2", "layer2.0.shortcut"])
 def test_every_convolutional_layer_or_block_gives_maps(model, layer):
-    with GradCAM(model, layer) as cam:
-        maps, _ = cam(torch.randn(2, 3, 32, 32))
+    maps, _ = GradCAM(model, layer)(torch.randn(2, 3, 32, 32))
     assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
 
 
@@ -242,8 +238,98 @@ def test_predictions_follow_the_run_s_flip_tta(cifar, tmp_path, model):
     mean_pred = ((plain + mirrored) / 2).argmax(1)
     assert (mean_pred != plain.argmax(1)).any()  # else the test could not tell the two apart
     for name, tta, pred in [("tta.pt", True, mean_pred), ("plain.pt", False, plain.argmax(1))]:
-        summary = gradcam.main(["--ckpt", str(tmp_path / name), "--data-dir", str(cifar), "--limit-test", "200",
-                                "--device", "cpu", "--count", "200", "--out", str(tmp_path / name[:-3])])
-        assert summary["tta"] is tta
+        summary, _ = gradcam.write_summary(name, str(tmp_path), "layer3", tta, gradcam.predict(
+            net, images, data.MEAN, data.STD, tta=tta), labels, list(data.CLASSES), 50, None)
         assert summary["test_accuracy"] == pytest.approx(100 * (pred == labels).double().mean().item())
-        assert [r["index"] for r in summary["misclassified"]] == (pred != labels).nonzero().flatten().tolist()
+        assert [r["index"] for r in summary["misclassified"]] == (pred != labels).nonzero().flatten().tolist()[:50]
+        assert gradcam.load_model(str(tmp_path / name), "cpu")[4] is tta  # the run's choice is the default
+
+
+class StudentCNN(torch.nn.Module):
+    """A student's own small CNN, with a layer its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, padding=1),
+            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+        self.unused = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def student_cnn():
+    torch.manual_seed(3)
+    return StudentCNN().eval()
+
+
+def sequential_reference(net, x, classes, upto):
+    """Grad-CAM by the formula with torch.autograd.grad: run the layers by hand up to `upto`."""
+    out = x
+    for i, layer in enumerate(net.body):
+        out = layer(out)
+        if i == upto:
+            target = out
+    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), classes].sum(), target)
+    raw = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * target).sum(1, keepdim=True).detach())
+    raw = F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = raw.amin(dim=(1, 2), keepdim=True), raw.amax(dim=(1, 2), keepdim=True)
+    return (raw - low) / (high - low)
+
+
+def test_one_class_for_a_whole_batch_is_that_class_for_every_image():
+    net, x = student_cnn(), torch.randn(4, 3, 16, 16)
+    maps, _ = GradCAM(net, "body.2")(x, 3)
+    torch.testing.assert_close(maps, sequential_reference(net, x, torch.full((4,), 3), upto=2), atol=1e-5, rtol=0)
+    assert (maps.amax(dim=(1, 2)) == 1).all()  # every image has its map, not image 0 alone
+
+
+def test_one_image_gives_one_map_and_a_batch_gives_the_same():
+    net, x = student_cnn(), torch.randn(3, 16, 16)
+    one, logits = GradCAM(net, net.body[2])(x, 5)
+    batch, _ = GradCAM(net, net.body[2])(x[None], [5])
+    assert one.shape == (16, 16) and logits.shape == (10,)
+    torch.testing.assert_close(one, batch[0])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("uint8", "takes the normalized float images"),
+    ("linear", r"output \(\(2, 10\)\) is not a spatial map"),
+    ("unused", "was not called by the model's forward"),
+    ("missing", "'conv9' is not a module of this model"),
+    ("classes", "one class in 0..9 for all images or one per image"),
+    ("wrong count", "one class in 0..9 for all images or one per image"),
+])
+def test_inputs_a_student_may_pass_get_one_sentence(case, message):
+    net = student_cnn()
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) if case == "uint8" else torch.randn(2, 3, 16, 16)
+    layer = {"linear": "body.6", "unused": "unused", "missing": "conv9"}.get(case, "body.2")
+    classes = {"classes": 10, "wrong count": [1, 2, 3]}.get(case)
+    with pytest.raises(ValueError, match=message):
+        GradCAM(net, layer)(images, classes)
+
+
+def test_a_map_too_small_to_localize_is_refused():
+    """torchvision's resnet18 takes CIFAR-10's 32 x 32 images down to 1 x 1 in layer4."""
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    with pytest.raises(ValueError, match="map is 1 x 1 at this input size, too small"):
+        GradCAM(net, "layer4")(torch.randn(2, 3, 32, 32))
+    maps, _ = GradCAM(net, "layer3")(torch.randn(2, 3, 32, 32))  # 2 x 2: still a map
+    assert maps.shape == (2, 32, 32)
+
+
+def test_a_map_flat_up_to_rounding_is_all_zeros():
+    """Equal evidence everywhere localizes nothing: zeros, as pytorch-grad-cam gives, not noise
+    stretched to the full range."""
+    acts = torch.full((1, 4, 4, 4), 0.3) + torch.randn(1, 4, 4, 4) * 1e-9
+    assert torch.equal(cam_from(acts, torch.ones(1, 4, 4, 4), (32, 32)), torch.zeros(1, 32, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_images_reach_a_cuda_model():
+    net = student_cnn().cuda()
+    maps, logits = GradCAM(net, "body.2")(torch.randn(2, 3, 16, 16))
+    assert maps.device.type == "cuda" and logits.shape == (2, 10)

@@ -9,13 +9,13 @@ import torch.nn as nn
 from conftest import run_script
 import lr_range
 import train
-from lr_range import LRRangeResult, lr_range_test, lr_schedule, plot_lr_range, steepest_index
+from lr_range import LRRangeResult, lr_range_test, plot_lr_range
 from resnet import ResNet18
 
 
 @pytest.mark.parametrize("mode", ["exp", "linear"])
 def test_schedule_hits_start_and_end_exactly(mode):
-    lrs = lr_schedule(1e-7, 10, 100, mode)
+    lrs = scripted_run([2.0] * 100, num_iter=100, end_lr=10, step_mode=mode).lrs
     assert len(lrs) == 100 and lrs[0] == 1e-7 and lrs[-1] == 10
     if mode == "exp":
         ratios = [b / a for a, b in zip(lrs, lrs[1:])]
@@ -23,6 +23,11 @@ def test_schedule_hits_start_and_end_exactly(mode):
     else:
         steps = [b - a for a, b in zip(lrs, lrs[1:])]
         assert max(steps) == pytest.approx(min(steps)) == pytest.approx((10 - 1e-7) / 99)
+
+
+def steepest(curve):
+    result = LRRangeResult(lrs=list(range(len(curve))), smoothed=list(curve))
+    return result.suggest().suggested_lr
 
 
 class ScriptedLoss:
@@ -62,7 +67,7 @@ def test_suggestion_is_the_steepest_descent_of_a_synthetic_curve():
     n = 100
     # falls like a logistic centred on step 40, bottoms out near 70, then blows up
     curve = [2.3 - 1.5 / (1 + math.exp(-(i - 40) / 4)) + (0.02 * (i - 70) ** 2 if i > 70 else 0) for i in range(n)]
-    assert steepest_index(curve) == 40
+    assert steepest(curve) == 40
     result = scripted_run(curve, num_iter=n, smooth=1.0, diverge_th=1e9)
     assert result.suggested_lr == result.lrs[40]
     assert result.min_loss_lr == result.lrs[curve.index(min(curve))]
@@ -71,7 +76,7 @@ def test_suggestion_is_the_steepest_descent_of_a_synthetic_curve():
 
 def test_late_second_descent_is_not_suggested():
     curve = [2.0 - 0.02 * i for i in range(40)] + [3.0 + 0.5 * i for i in range(20)] + [13 - 0.2 * i for i in range(40)]
-    assert steepest_index(curve) < 40
+    assert steepest(curve) < 40
 
 
 def _snapshot(model, optimizer):
@@ -109,7 +114,7 @@ def test_cli_writes_plot_and_json(cifar, tmp_path):
     res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
                      "--num-iter", "12", "--end-lr", "1", "--out", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "suggested max LR" in res.stdout
+    assert "suggested max LR" in res.stdout and "step 12/12  lr 1  loss" in res.stdout
     curve = json.loads((tmp_path / "lr_range.json").read_text())
     assert len(curve["lrs"]) == len(curve["losses"]) <= 12 and curve["lrs"][0] == 1e-7
     assert (tmp_path / "lr_range.png").is_file()
@@ -131,27 +136,47 @@ def test_cli_defaults_are_train_py_defaults():
         assert mine.get_default(key) == theirs.get_default(key), key
 
 
-def test_lr_range_test_copies_alone():
-    """README: lr_range_test can be pasted into a notebook without the project. Its source, with
-    the helpers it calls, runs with only torch, numpy and the standard library imported."""
-    import ast
+class CountingLoader:
+    """A DataLoader's shape of batches: (images, labels, indices) on the CPU, a new pass per iter()."""
 
-    from conftest import REPO
+    def __init__(self, n_batches):
+        self.n_batches, self.passes = n_batches, 0
 
-    source = (REPO / "lr_range.py").read_text()
-    lines = source.splitlines()
-    wanted = {"LRRangeResult", "lr_schedule", "steepest_index", "lr_range_test"}
-    parts = []
-    for node in ast.parse(source).body:
-        if getattr(node, "name", None) in wanted:
-            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            parts.append("\n".join(lines[first - 1:node.end_lineno]))
-    assert len(parts) == len(wanted)
-    namespace = {"__name__": "pasted"}
-    exec("import copy\nimport math\nfrom dataclasses import asdict, dataclass, field\n\nimport numpy as np\n"
-         "import torch\n\n" + "\n\n".join(parts), namespace)
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = namespace["lr_range_test"](model, optimizer, ScriptedLoss([2.0, 1.0, 3.0]),
-                                        [(torch.ones(4, 2), torch.zeros(4))], num_iter=3)
-    assert result.losses == [2.0, 1.0, 3.0] and len(result.lrs) == 3
+    def __iter__(self):
+        self.passes += 1
+        for i in range(self.n_batches):
+            yield torch.randn(4, 2), torch.zeros(4, dtype=torch.long), torch.arange(4) + 4 * i
+
+
+def test_batches_with_extra_items_run_out_and_start_again():
+    model = nn.Linear(2, 3)
+    loader = CountingLoader(2)
+    result = lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), loader,
+                           num_iter=5, end_lr=1e-3)
+    assert len(result.lrs) == 5 and loader.passes == 3  # 2 + 2 + 1 batches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_batches_reach_a_cuda_model():
+    model = nn.Linear(2, 3).cuda()
+    result = lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                           CountingLoader(2), num_iter=3, end_lr=1e-3)
+    assert len(result.lrs) == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"num_iter": 1}, {"num_iter": 0}, {"step_mode": "cos"}, {"end_lr": 1e-8}])
+def test_impossible_sweeps_are_one_sentence(kwargs):
+    with pytest.raises(ValueError, match="lr_range_test needs num_iter >= 2"):
+        scripted_run([1.0] * 5, **{"num_iter": 5, **kwargs})
+
+
+def test_progress_is_called_after_every_step():
+    seen = []
+    scripted_run([2.0, 1.5, 1.0], num_iter=3, progress=lambda step, lr, loss: seen.append((step, loss)))
+    assert seen == [(0, 2.0), (1, 1.5), (2, 1.0)]
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_cli_num_iter_below_two_is_one_message(value, tmp_path):
+    res = run_script("lr_range.py", "--num-iter", value, "--out", tmp_path, timeout=60)
+    assert res.returncode == 2 and "argument --num-iter: must be at least 2" in res.stderr
