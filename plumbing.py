@@ -250,6 +250,13 @@ def stop_now(state, stop, checkpoint, where):
     raise Stopped(stop.signum)
 
 
+def stop_mid_epoch(state, stop, stats, next_step):
+    """Keep where the epoch stopped and its sums so far (all processes' together) in last.pt, then stop."""
+    totals = all_reduce(torch.cat([stats["sums"], stats["sums"].new_tensor([stats["seen"]])]), state.world)
+    state.step, state.partial = next_step, totals.tolist() + [stats["seconds"]]
+    stop_now(state, stop, state.checkpoint(), f"at epoch {state.epoch + 1}, step {state.step}/{state.steps}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The state last.pt keeps, and resuming from it
 
@@ -301,7 +308,7 @@ class TrainState:
         self.steps, self.rank, self.world = steps, rank, world
         self.aug_generator = data.device_generator(device, args.seed * 1000 + rank)
         self.epoch, self.step = 0, 0  # the next step to take
-        self.partial = None  # [loss sum, correct, images, seconds] of an epoch stopped midway
+        self.partial = None  # an epoch stopped midway: [loss sum, correct, images] of all processes, seconds
         self.history, self.best_acc = [], -1.0
         self.saved_epoch = None  # the epoch in the last last.pt this run wrote or resumed from
         # this process's clock, not saved: when train() started here, and the warm-up's seconds
@@ -434,6 +441,8 @@ class StepWatch:
     def summary(self, sums, seen):
         """The epoch's sums, images and seconds, with those of the part before a resume."""
         loss_sum, correct, earlier, seconds = self.state.partial or (0.0, 0.0, 0, 0.0)
+        if self.state.rank != 0:  # the sums before the stop are all processes' together: rank 0 adds them
+            loss_sum, correct, earlier = 0.0, 0.0, 0
         sums = sums + torch.tensor([loss_sum, correct], device=sums.device)
         elapsed = time.perf_counter() - self.started
         return {"sums": sums, "seen": earlier + seen, "seconds": seconds + elapsed,

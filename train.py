@@ -301,9 +301,7 @@ def run_epoch(state, model, criterion, train_x, train_y, test, dtype, stop, tb, 
     sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler, dtype, watch)
     stats = watch.summary(sums, seen)
     if stats["stopped"]:
-        state.step, state.partial = watch.next_step, stats["sums"].tolist() + [stats["seen"], stats["seconds"]]
-        plumbing.stop_now(state, stop, state.checkpoint(), f"at epoch {state.epoch + 1}, step {state.step}/"
-                                                            f"{state.steps}")
+        plumbing.stop_mid_epoch(state, stop, stats, watch.next_step)
     plumbing.share_bn_statistics(state)
     result = test()
     plumbing.check_test_loss(state, result)

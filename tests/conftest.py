@@ -31,8 +31,13 @@ def cifar(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("full"))
 
 
+def script_env():
+    """The environment scripts run in: unbuffered, and one thread count for every run (torchrun
+    would otherwise set 1 and a plain run take all cores, and CPU kernels sum in another order)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def run_script(*args, timeout=600, **kw):
     """Run one of the top-level scripts in a fresh interpreter, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+                          timeout=timeout, env=script_env(), **kw)

@@ -10,7 +10,7 @@ import torch
 import common
 import data
 import train
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_env
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
@@ -70,7 +70,7 @@ def test_torchrun_killed_then_resumed(cifar, tmp_path):
                "--device", "cpu", "--data-dir", str(cifar), "--epochs", "2", "--limit-train", "512",
                "--limit-test", "100", "--batch-size", "64", "--max-lr", "0.05", "--out", str(out)]
     proc = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=script_env())
     for line in proc.stdout:
         if line.startswith("Epoch 2/2  step 1/8"):
             for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in new sessions

@@ -16,7 +16,7 @@ import data
 import plumbing
 import train
 from resnet import ResNet18
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_env
 
 TINY = ["--limit-train", "512", "--limit-test", "100", "--batch-size", "128", "--max-lr", "0.05"]
 
@@ -134,7 +134,7 @@ def test_checkpoint_round_trip(cifar, tmp_path):
     assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
 
 
-def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
+def test_resume_after_sigint_sigterm_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
     # On the CPU: CUDA's convolution kernels are not bit-reproducible (PyTorch's reproducibility
     # notes), and its tiny steps finish the epoch before the Ctrl-C below can land mid-epoch.
     base = ["train.py", "--data-dir", cifar, "--device", "cpu", "--epochs", "2", "--cutout-p", "1", *TINY]
@@ -144,7 +144,7 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
     def interrupted(out, wait_for, sig):
         proc = subprocess.Popen([sys.executable, *map(str, base), "--out", str(out)], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                env=script_env())
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -154,15 +154,19 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
         rest = proc.communicate(timeout=300)[0]
         return proc.returncode, "".join(lines) + rest
 
-    code, log = interrupted(tmp_path / "int", "Epoch 1/2  step 2/4", signal.SIGINT)
-    assert code == 130, log
-    resume_line = [l for l in log.splitlines() if l.startswith("Resume with:")]
-    hint = ["python", "train.py", "--resume", str(tmp_path / "int" / "last.pt"), "--data-dir", str(cifar),
-            "--device", "cpu"]
-    assert resume_line == ["Resume with: " + shlex.join(hint)]
+    hints = {}
+    for name, sig, code_expected in [("int", signal.SIGINT, 130), ("term", signal.SIGTERM, 143)]:
+        code, log = interrupted(tmp_path / name, "Epoch 1/2  step 2/4", sig)
+        assert code == code_expected, log
+        assert ("Interrupted at epoch 1" if name == "int" else "Stopped by SIGTERM at epoch 1") in log
+        resume_line = [l for l in log.splitlines() if l.startswith("Resume with:")]
+        hints[name] = ["python", "train.py", "--resume", str(tmp_path / name / "last.pt"), "--data-dir", str(cifar),
+                       "--device", "cpu"]
+        assert resume_line == ["Resume with: " + shlex.join(hints[name])]
+        saved = common.load_checkpoint(str(tmp_path / name / "last.pt"))
+        assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
+        assert saved["partial"][2] == saved["step"] * 128 and saved["partial"][3] > 0
     saved = common.load_checkpoint(str(tmp_path / "int" / "last.pt"))
-    assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
-    assert saved["partial"][2] == saved["step"] * 128 and saved["partial"][3] > 0
     saved["partial"][3] += 1000.0  # as if the steps before the stop had taken 1,000 s more
     torch.save(saved, tmp_path / "int" / "last.pt")
 
@@ -176,7 +180,7 @@ def test_resume_after_sigint_and_sigkill_equals_uninterrupted_run(cifar, tmp_pat
 
     reference = common.load_checkpoint(str(tmp_path / "full" / "last.pt"))
     kill_command = ["--data-dir", cifar, "--device", "cpu", "--resume", tmp_path / "kill" / "last.pt"]
-    for name, command in [("int", hint[2:]), ("kill", kill_command)]:
+    for name, command in [("int", hints["int"][2:]), ("term", hints["term"][2:]), ("kill", kill_command)]:
         res = run_script("train.py", *command)
         assert res.returncode == 0, res.stderr
         resumed = common.load_checkpoint(str(tmp_path / name / "last.pt"))
@@ -326,7 +330,7 @@ def test_two_runs_into_one_folder_the_second_is_refused_and_the_first_finishes(c
     command = [sys.executable, "train.py", "--data-dir", str(cifar), "--device", "cpu", "--epochs", "2",
                *map(str, TINY), "--out", str(out)]
     first = subprocess.Popen(command + ["--seed", "1"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                             stderr=subprocess.STDOUT, env=script_env())
     for line in first.stdout:
         if line.startswith("ResNet18 on"):  # the folder is locked and no checkpoint is written yet
             break

@@ -1,0 +1,258 @@
+"""What goes wrong around a run, and how the scripts answer: signals, a full disk, a diverged model,
+two runs into one folder, an oversized request."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import gradcam
+import plumbing
+import train
+from conftest import REPO, run_script, script_env
+from resnet import ResNet18
+from test_train import TINY, tiny_fit
+
+
+def strict_json(path):
+    """json.load that refuses NaN and infinities, as strict parsers (JavaScript's, jq) do."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path}")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+def test_the_first_sigterm_asks_to_stop_and_the_second_stops_at_once():
+    with plumbing.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.agreed(1, torch.device("cpu"))
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one ends the process
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) is \
+        signal.default_int_handler  # pytest's own handlers were these before
+
+
+def test_sigterm_during_a_save_leaves_no_temp_file(tmp_path):
+    """gradcam.py and lr_range.py turn SIGTERM into SystemExit, so a save under way cleans up."""
+    previous = signal.getsignal(signal.SIGTERM)
+    common.exit_cleanly_on_sigterm()
+    try:
+        def write(f):
+            f.write(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            f.write(b"the rest")  # the handler runs at the latest here
+
+        with pytest.raises(SystemExit) as stopped:
+            common.save_atomic(str(tmp_path / "figure.png"), write)
+        assert stopped.value.code == 143 and os.listdir(tmp_path) == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
+    """torchrun forwards Ctrl-C (SIGINT) to its workers: both stop at the same step (they agree
+    every 10 steps), rank 0 saves mid-epoch and prints the torchrun resume command, which continues
+    to the uninterrupted run's weights and epoch record."""
+    args = ["--device", "cpu", "--data-dir", str(cifar), "--epochs", "1", "--limit-train", "768", "--limit-test",
+            "50", "--batch-size", "64", "--max-lr", "0.05", "--cutout-p", "1", "--no-amp"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    full = run_script(*torchrun, *args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, *torchrun, *args, "--out", str(tmp_path / "int")], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Epoch 1/1  step 3/12"):
+            proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    log = "".join(lines)
+    assert "Interrupted at epoch 1, step 10/12" in log, log[-3000:]
+    hint = f"torchrun --nproc_per_node=2 train.py --resume {tmp_path / 'int' / 'last.pt'} --data-dir {cifar} " \
+           f"--device cpu"
+    assert f"Resume with: {hint}" in log
+    saved = common.load_checkpoint(str(tmp_path / "int" / "last.pt"))
+    assert (saved["epoch"], saved["step"]) == (0, 10) and len(saved["aug_generator"]) == 2
+    resumed = run_script(*torchrun[:-1], *hint.split()[2:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, after = (common.load_checkpoint(str(tmp_path / name / "last.pt")) for name in ("full", "int"))
+    for key, value in reference["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+    for key in ("train_loss", "train_acc", "train_images", "test_acc"):  # the epoch's two halves add up
+        assert after["history"][0][key] == pytest.approx(reference["history"][0][key], rel=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+class FullDisk:
+    """Files opened by common.save_atomic take max_bytes, then fail as a full disk does."""
+
+    def __init__(self, monkeypatch, max_bytes):
+        self.max_bytes, real_fdopen = max_bytes, os.fdopen
+        monkeypatch.setattr(common.os, "fdopen", lambda fd, mode: self.Writer(real_fdopen(fd, mode), self))
+
+    class Writer:
+        def __init__(self, f, disk):
+            self.f, self.disk, self.written = f, disk, 0
+
+        def write(self, chunk):
+            self.written += len(chunk)
+            if self.written > self.disk.max_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(chunk)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_sentence_and_leaves_no_temp_file(cifar, tmp_path, monkeypatch):
+    tiny_fit(cifar, tmp_path / "run", epochs=1)
+    last = (tmp_path / "run" / "last.pt").read_bytes()
+    FullDisk(monkeypatch, max_bytes=10_000_000)  # a checkpoint is about 89 MB
+    with pytest.raises(common.DiskFull) as full:
+        tiny_fit(cifar, tmp_path / "run", epochs=1, overwrite=True)
+    message = str(full.value)
+    assert message.startswith(f"no space left on the disk of {tmp_path / 'run'} while writing ")
+    assert "a checkpoint needs about 89 MB, and room for one more while it is written" in message
+    assert "\n" not in message and not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
+    assert (tmp_path / "run" / "last.pt").read_bytes() == last  # the earlier file is whole
+
+
+def test_torch_s_wrapped_disk_error_is_recognised():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file") from e
+    except RuntimeError as wrapped:
+        assert common.disk_full(wrapped)
+    assert not common.disk_full(RuntimeError("another failure"))
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (Linux, as root)")
+def test_train_py_on_a_really_full_disk(cifar, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        res = run_script("train.py", "--data-dir", cifar, "--device", "cpu", "--epochs", "2", *TINY,
+                         "--out", disk / "run")
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert "no space left on the disk of" in res.stderr and "89 MB" in res.stderr
+        assert not [n for n in os.listdir(disk / "run") if n.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A diverged model
+
+
+def test_a_non_finite_test_loss_stops_the_run_before_it_is_saved(cifar, tmp_path, monkeypatch):
+    result, calls = train.test_result, []
+
+    def nan_from_epoch_2(sums, tta=True):
+        calls.append(1)
+        scored = result(sums, tta)
+        return {**scored, "loss": float("nan")} if len(calls) > 1 else scored
+
+    monkeypatch.setattr(train, "test_result", nan_from_epoch_2)
+    with pytest.raises(plumbing.NonFiniteLoss) as stopped:
+        tiny_fit(cifar, tmp_path / "run", epochs=2)
+    assert f"the test loss became non-finite after epoch 2; the last good checkpoint, epoch 1, is kept in " \
+           f"{tmp_path / 'run' / 'last.pt'}" in str(stopped.value)
+    assert common.load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 1
+    assert common.load_checkpoint(str(tmp_path / "run" / "best.pt"))["epoch"] == 1
+    assert len(strict_json(tmp_path / "run" / "metrics.json")["epochs"]) == 1
+
+
+def test_divergence_in_a_replaced_run_does_not_claim_the_old_checkpoint(cifar, tmp_path):
+    tiny_fit(cifar, tmp_path / "run", epochs=1)
+    res = run_script("train.py", "--data-dir", cifar, "--epochs", "1", "--out", tmp_path / "run", "--overwrite",
+                     *TINY[:-2], "--max-lr", "1e12", "--no-amp")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"no checkpoint of this run was saved in {tmp_path / 'run'}" in res.stderr
+    assert "last good checkpoint" not in res.stderr
+
+
+def test_metrics_json_is_strict_json_even_with_a_nan():
+    path = REPO / ".pytest_cache" / "nan.json"
+    path.parent.mkdir(exist_ok=True)
+    common.save_json(str(path), {"loss": float("nan"), "epochs": [{"acc": float("inf"), "ok": 1.5}]})
+    assert strict_json(path) == {"loss": None, "epochs": [{"acc": None, "ok": 1.5}]}
+
+
+def test_gradcam_refuses_a_checkpoint_whose_outputs_are_not_finite(cifar, tmp_path):
+    torch.manual_seed(0)
+    model = ResNet18()
+    with torch.no_grad():
+        model.linear.bias.fill_(float("nan"))
+    torch.save({"model": model.state_dict(), "args": {"tta": False}}, tmp_path / "nan.pt")
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "nan.pt", "--data-dir", cifar, "--limit-test", "50",
+                     "--device", "cpu", "--out", tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "gives non-finite outputs (its training diverged)" in res.stderr
+    assert not (tmp_path / "out" / "gradcam.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcam.py: one run per folder, a bounded request, progress
+
+
+def test_a_second_gradcam_into_a_busy_folder_is_refused_at_once(tmp_path):
+    torch.save({"model": ResNet18().state_dict()}, tmp_path / "m.pt")
+    with common.FolderLock(str(tmp_path / "out")):
+        res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--data-dir", tmp_path, "--out", tmp_path / "out",
+                         "--device", "cpu", timeout=120)
+    assert res.returncode == 1 and "another train.py or gradcam.py is writing to" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("count", ["51", "625"])
+def test_an_oversized_count_is_one_line(count, tmp_path):
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--count", count, timeout=60)
+    assert res.returncode == 2 and "--count must be at most 50" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_scoring_a_long_test_set_shows_progress():
+    lines = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    images = torch.randint(0, 256, (4500, 3, 32, 32), dtype=torch.uint8)
+    probs = gradcam.predict(model, images, (0.5,) * 3, (0.25,) * 3, tta=True,
+                            progress=lambda line, **kw: lines.append(line))
+    assert probs.shape == (4500, 10)
+    assert lines == ["scored 2,000/4,500 test images", "scored 4,000/4,500 test images",
+                     "scored 4,500/4,500 test images"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small things
+
+
+def test_one_epoch_is_not_one_epochs(cifar, tmp_path, capsys):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384)
+    assert "batch 128, 1 epoch\n" in capsys.readouterr().out
+
+
+def test_help_says_batchnorm_statistics_stay_per_process_under_torchrun():
+    text = train.build_parser().format_help()
+    assert "same results" not in text and "BatchNorm statistics" in text and "--sync-bn" in text
