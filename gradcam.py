@@ -329,15 +329,16 @@ def draw_report(model, images, labels, probs, summary, mean, std, alpha, layer, 
 
 
 def read_image(path):
-    """uint8 RGB C x H x W from a JPEG, PNG, GIF or WebP file (grey and RGBA converted to RGB).
-    Raises common.UserError naming the file when it is missing or not an image."""
-    from torchvision.io import ImageReadMode, decode_image
+    """uint8 RGB C x H x W from an image file Pillow reads (JPEG, PNG, GIF, WebP, ...; grey and RGBA
+    converted to RGB). Raises common.UserError naming the file when it is missing or not an image."""
+    from torchvision.datasets.folder import pil_loader
+    from torchvision.transforms.functional import pil_to_tensor
 
     if not os.path.isfile(path):
         raise common.UserError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError):
+        return pil_to_tensor(pil_loader(path))
+    except (OSError, ValueError):
         raise common.UserError(f"{path} is not an image that can be read (JPEG, PNG, GIF or WebP)") from None
 
 
@@ -404,19 +405,21 @@ def draw_explanations(rows, alpha, layer, path=None):
     panels = max(len(result["maps"]) for _, _, result in rows)
     fig = Figure(figsize=(2.6 * (2 + panels), 2.6 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), 2 + panels, squeeze=False)
-    for row, (path, picture, result) in zip(axes, rows):
+    for row, (source, picture, result) in zip(axes, rows):
         for ax in row:
             ax.axis("off")
         row[0].imshow(picture, interpolation="nearest")
-        row[0].set_title(os.path.basename(path)[:28] + "\n(as the model sees it)", fontsize=9)
+        row[0].set_title(os.path.basename(source)[:28] + "\n(as the model sees it)", fontsize=9)
         names, probs = zip(*result["top"])
         row[1].axis("on")
-        row[1].barh(range(len(names))[::-1], [100 * p for p in probs], color="C0")
-        row[1].set(yticks=range(len(names))[::-1], yticklabels=names, xlim=(0, 100), xlabel="%")
+        bars = row[1].barh(range(len(names))[::-1], [100 * p for p in probs], color="C0")
+        row[1].bar_label(bars, fmt="%.0f%%", padding=3, fontsize=8)
+        row[1].set(yticks=range(len(names))[::-1], yticklabels=names, xlim=(0, 115), xticks=[])
+        row[1].set_title("top classes", fontsize=9)
         for ax, (name, cam) in zip(row[2:], result["maps"].items()):
             ax.imshow(overlay(picture, cam, alpha), interpolation="bilinear")
-            ax.set_title(f"Grad-CAM for '{name}'\n" + evidence(cam, f"{100 * result['probabilities'][name]:.0f}%"),
-                         fontsize=9)
+            ax.set_title(f"Grad-CAM for '{name}' ({100 * result['probabilities'][name]:.0f}%)\n"
+                         + evidence(cam, "where it saw the class"), fontsize=9)
     fig.suptitle(f"Top classes and Grad-CAM on {layer}", fontsize=11)
     common.save_png(fig, path)
     return fig

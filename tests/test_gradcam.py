@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -333,3 +334,68 @@ def test_cpu_images_reach_a_cuda_model():
     net = student_cnn().cuda()
     maps, logits = GradCAM(net, "body.2")(torch.randn(2, 3, 16, 16))
     assert maps.device.type == "cuda" and logits.shape == (2, 10)
+
+
+def pil_fit_32(picture):
+    """Pillow's own resize of the shorter side to 32 (bilinear, antialiased) and the centre 32 x 32,
+    rounded as torchvision's CenterCrop rounds: an independent view of how a photo is brought down."""
+    from PIL import Image
+
+    w, h = picture.size
+    size = (32, max(32, int(32 * h / w))) if w <= h else (max(32, int(32 * w / h)), 32)
+    resized = picture.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - 32) / 2)), int(round((size[1] - 32) / 2))
+    return torch.from_numpy(np.asarray(resized.crop((left, top, left + 32, top + 32))).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (96, 64), (40, 18), (32, 32)])
+def test_an_image_of_any_size_comes_down_as_pillow_brings_it(size, tmp_path):
+    from PIL import Image
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    picture.save(tmp_path / "p.png")
+    ours = gradcam.fit_32(gradcam.read_image(str(tmp_path / "p.png")))
+    assert ours.shape == (3, 32, 32) and (ours.int() - pil_fit_32(picture).int()).abs().max() <= 1
+
+
+def test_image_mode_explains_each_file_and_names_the_ones_it_cannot_read(tmp_path):
+    """Four readable files (RGB, grey, RGBA, a large JPEG) and two that are not images: the
+    probabilities are those of the model on the 32 x 32 input computed here, and every bad file gets
+    its sentence while the rest is still done."""
+    from PIL import Image
+
+    _save_random_checkpoint(tmp_path / "m.pt")
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 128, np.uint8)])).save(tmp_path / "rgba.png")
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.jpg", quality=95)
+    (tmp_path / "notes.txt").write_text("not an image")
+    files = ["rgb.png", "grey.png", "notes.txt", "rgba.png", "missing.png", "photo.jpg"]
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", *[tmp_path / f for f in files],
+                     "--class", "cat", "--device", "cpu", "--out", tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"error: {tmp_path / 'notes.txt'} is not an image that can be read" in res.stderr
+    assert f"error: {tmp_path / 'missing.png'} does not exist; skipped" in res.stderr
+    summary = json.loads((tmp_path / "out" / "gradcam_images.json").read_text())
+    assert [os.path.basename(r["path"]) for r in summary["images"]] == ["rgb.png", "grey.png", "rgba.png", "photo.jpg"]
+    model, *_ = common.model_from_checkpoint(torch.load(tmp_path / "m.pt"))
+    inputs = [torch.from_numpy(rgb).permute(2, 0, 1), torch.from_numpy(rgb[..., 0]).expand(3, 32, 32),
+              torch.from_numpy(rgb).permute(2, 0, 1), pil_fit_32(photo.convert("RGB"))]
+    with torch.no_grad():
+        expected = model.eval()(data.normalize(torch.stack(inputs))).softmax(1)
+    for record, probs, tolerance in zip(summary["images"], expected, [1e-5, 1e-5, 1e-5, 0.02]):
+        got = torch.tensor([record["probabilities"][c] for c in data.CLASSES])
+        torch.testing.assert_close(got, probs, atol=tolerance, rtol=0)
+        assert record["top"][0]["class"] == data.CLASSES[int(got.argmax())] and len(record["top"]) == 3
+    assert (tmp_path / "out" / "gradcam_images.png").read_bytes()[:4] == b"\x89PNG"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb.png")), rgb)  # the inputs are left alone
+    assert "grey.png: " in res.stdout and "wrote gradcam_images.json and gradcam_images.png" in res.stdout
+
+
+def test_image_mode_with_an_unknown_class_is_one_line(tmp_path):
+    _save_random_checkpoint(tmp_path / "m.pt")
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "x.png", "--class", "kitten",
+                     "--device", "cpu")
+    assert res.returncode == 1 and "--class 'kitten' is not one of the checkpoint's classes" in res.stderr

@@ -1,0 +1,168 @@
+"""A web demo of a trained checkpoint (Gradio): upload an image or pick a CIFAR-10 test image and
+see the top classes and the Grad-CAM overlay, with the layer and the opacity as controls; a second
+tab shows misclassified test images with their maps. Everything it computes is gradcam.py's.
+
+    pip install -r requirements-app.txt                 # Gradio: an optional extra
+    python app.py --ckpt runs/main/best.pt              # serves http://127.0.0.1:7860
+
+On Hugging Face Spaces (Gradio SDK): put app.py, gradcam.py, common.py, data.py, resnet.py,
+requirements.txt and the checkpoint, named best.pt or model.pt, in the Space. It starts there as
+`python app.py` and finds the checkpoint beside it; CIFAR-10 is downloaded on first use.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import gradcam
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_NAMES = ("best.pt", "model.pt")  # looked for beside app.py when --ckpt is not given
+LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
+SHOWN = 256  # pixels a side of each picture on the page
+
+
+def find_checkpoint(path=None):
+    """--ckpt as given, else the first of CHECKPOINT_NAMES beside app.py (a Space's layout)."""
+    if path:
+        return path
+    for name in CHECKPOINT_NAMES:
+        if os.path.isfile(os.path.join(HERE, name)):
+            return os.path.join(HERE, name)
+    raise common.UserError(f"no checkpoint: pass --ckpt, or put one named {' or '.join(CHECKPOINT_NAMES)} "
+                           f"beside app.py")
+
+
+def shown(picture):
+    """A H x W x 3 picture in [0, 1] as a uint8 array SHOWN pixels a side (nearest: the pixels stay visible)."""
+    tensor = torch.as_tensor(picture, dtype=torch.float32).permute(2, 0, 1)[None]
+    big = F.interpolate(tensor, size=(SHOWN, SHOWN), mode="nearest")[0].permute(1, 2, 0)
+    return (big.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+class Demo:
+    """The checkpoint's model and the test set, and what each control of the page asks of them."""
+
+    def __init__(self, ckpt, data_dir="./data", device="auto"):
+        self.ckpt, self.data_dir = ckpt, data_dir
+        self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
+        self.test, self.probs = None, None
+
+    def test_set(self):
+        """CIFAR-10's test images and labels, loaded (and downloaded) on first use."""
+        if self.test is None:
+            images, labels, _ = data.load_cifar10(self.data_dir, "test", download=True, expect_full=False)
+            self.test = images, labels
+        return self.test
+
+    def explain(self, image, layer, alpha, top_k):
+        """(top classes {name: p}, the 32 x 32 input, its overlay, a caption) for a uint8 image."""
+        result = gradcam.explain(self.model, image, self.classes, self.mean, self.std, layer, tta=self.tta,
+                                 top_k=int(top_k))
+        picture = image.permute(1, 2, 0).numpy() / 255
+        (name, cam), = result["maps"].items()
+        caption = f"Grad-CAM on {layer} for '{name}': " + gradcam.evidence(cam, "where the model saw it")
+        return dict(result["top"]), shown(picture), shown(gradcam.overlay(picture, cam, alpha)), caption
+
+    def explain_upload(self, path, layer, alpha, top_k):
+        if path is None:
+            return {}, None, None, "Upload an image (JPEG, PNG, GIF or WebP) first."
+        try:
+            image = gradcam.fit_32(gradcam.read_image(path))
+        except common.UserError as e:  # named as the user's file, not Gradio's copy of it
+            return {}, None, None, f"{str(e).replace(path, os.path.basename(path))}; try another file."
+        return self.explain(image, layer, alpha, top_k)
+
+    def explain_test(self, index, layer, alpha, top_k):
+        try:
+            images, labels = self.test_set()
+        except data.DataError as e:
+            return {}, None, None, f"The test set is not available here: {e}"
+        index = int(index) % len(images)
+        label, picture, heat, caption = self.explain(images[index], layer, alpha, top_k)
+        return label, picture, heat, f"Test image {index}, a {self.classes[int(labels[index])]}. {caption}"
+
+    def misclassified(self, count, seed, layer, alpha):
+        """A gallery of [(overlay, caption)] for misclassified test images, and a line about them."""
+        try:
+            images, labels = self.test_set()
+        except data.DataError as e:
+            return [], f"The test set is not available here: {e}"
+        if self.probs is None:
+            device = next(self.model.parameters()).device
+            self.probs = gradcam.predict(self.model, images.to(device), self.mean, self.std, tta=self.tta).cpu()
+        chosen = gradcam.misclassified(self.probs, labels, int(count), int(seed))
+        x = data.normalize(images[chosen], self.mean, self.std)
+        maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, self.probs[chosen].argmax(1))
+        pictures = images[chosen].permute(0, 2, 3, 1).numpy() / 255
+        gallery = [(shown(gradcam.overlay(p, m, alpha)), f"{self.classes[int(labels[i])]} taken for "
+                    f"{self.classes[int(self.probs[i].argmax())]} ({100 * float(self.probs[i].max()):.0f}%)")
+                   for p, m, i in zip(pictures, maps.cpu().numpy(), chosen)]
+        wrong = int((self.probs.argmax(1) != labels).sum())
+        return gallery, f"{wrong:,} of {len(labels):,} test images misclassified; Grad-CAM for the predicted class."
+
+
+def build_page(demo, gr):
+    """The page: a tab for any image, a tab for the misclassified test images."""
+    with gr.Blocks(title="CIFAR-10 ResNet18: what the model sees") as page:
+        gr.Markdown(f"# CIFAR-10 ResNet18: what the model sees\nCheckpoint `{os.path.basename(demo.ckpt)}`; "
+                    f"classes: {', '.join(demo.classes)}. Images are brought to 32 x 32 as the model saw CIFAR-10.")
+        with gr.Row():
+            layer = gr.Dropdown(list(LAYERS), value="layer3", label="Grad-CAM layer")
+            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
+            top_k = gr.Slider(1, len(demo.classes), value=3, step=1, label="Classes to list")
+        with gr.Tab("Any image"):
+            with gr.Row():
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
+                index = gr.Number(value=0, precision=0, label="Or a test image: its index (0 to 9,999)")
+            with gr.Row():
+                classes = gr.Label(label="Top classes")
+                picture = gr.Image(label="As the model sees it (32 x 32)", format="png")
+                heat = gr.Image(label="Grad-CAM overlay", format="png")
+            caption = gr.Markdown()
+            outputs = [classes, picture, heat, caption]
+            controls = [layer, alpha, top_k]
+            upload.upload(demo.explain_upload, [upload, *controls], outputs, api_name="explain_upload")
+            gr.Button("Show the test image").click(demo.explain_test, [index, *controls], outputs,
+                                                    api_name="explain_test")
+            page.load(demo.explain_test, [index, *controls], outputs)
+        with gr.Tab("Misclassified test images"):
+            with gr.Row():
+                count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
+                seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
+            show = gr.Button("Show misclassified images")
+            gallery = gr.Gallery(label="Actual taken for predicted", columns=5, height="auto")
+            summary = gr.Markdown()
+            show.click(demo.misclassified, [count, seed, layer, alpha], [gallery, summary], api_name="misclassified")
+    return page
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help=f"checkpoint (default: {' or '.join(CHECKPOINT_NAMES)} "
+                                                     f"beside app.py)")
+    parser.add_argument("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; a Space "
+                                                            "sets its own)")
+    parser.add_argument("--port", type=common.positive_int, default=None, help="port (default 7860, or Gradio's "
+                                                                                "GRADIO_SERVER_PORT)")
+    args = parser.parse_args(argv)
+    try:
+        import gradio as gr
+    except ImportError:
+        sys.exit("error: app.py needs Gradio, an optional extra of this project: pip install -r requirements-app.txt")
+    common.resolve_device(args.device, parser)
+    try:
+        demo = Demo(find_checkpoint(args.ckpt), args.data_dir, args.device)
+    except common.UserError as e:
+        sys.exit(f"error: {e}")
+    build_page(demo, gr).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", args.host), server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()
