@@ -37,11 +37,22 @@ def find_checkpoint(path=None):
                            f"beside app.py")
 
 
-def shown(picture):
-    """A H x W x 3 picture in [0, 1] as a uint8 array SHOWN pixels a side (nearest: the pixels stay visible)."""
-    tensor = torch.as_tensor(picture, dtype=torch.float32).permute(2, 0, 1)[None]
-    big = F.interpolate(tensor, size=(SHOWN, SHOWN), mode="nearest")[0].permute(1, 2, 0)
-    return (big.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+def enlarged(array, mode):
+    """A H x W (x C) array as SHOWN x SHOWN (x C), by `mode` ('nearest' or 'bilinear')."""
+    tensor = torch.as_tensor(array, dtype=torch.float32)
+    tensor = tensor.permute(2, 0, 1)[None] if tensor.dim() == 3 else tensor[None, None]
+    big = F.interpolate(tensor, size=(SHOWN, SHOWN), mode=mode, **({} if mode == "nearest" else
+                                                                     {"align_corners": False}))[0]
+    return big.permute(1, 2, 0).numpy() if array.ndim == 3 else big[0].numpy()
+
+
+def shown(picture, cam=None, alpha=0.5):
+    """A H x W x 3 picture in [0, 1] as uint8 SHOWN pixels a side, its pixels kept square; with a
+    Grad-CAM map, blended with the map upsampled smoothly, as gradcam.py's figures draw it."""
+    big = enlarged(picture, "nearest")
+    if cam is not None:
+        big = gradcam.overlay(big, enlarged(cam, "bilinear").clip(0, 1), alpha)
+    return (big.clip(0, 1) * 255).round().astype("uint8")
 
 
 class Demo:
@@ -66,7 +77,7 @@ class Demo:
         picture = image.permute(1, 2, 0).numpy() / 255
         (name, cam), = result["maps"].items()
         caption = f"Grad-CAM on {layer} for '{name}': " + gradcam.evidence(cam, "where the model saw it")
-        return dict(result["top"]), shown(picture), shown(gradcam.overlay(picture, cam, alpha)), caption
+        return dict(result["top"]), shown(picture), shown(picture, cam, alpha), caption
 
     def explain_upload(self, path, layer, alpha, top_k):
         if path is None:
@@ -99,7 +110,7 @@ class Demo:
         x = data.normalize(images[chosen], self.mean, self.std)
         maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, self.probs[chosen].argmax(1))
         pictures = images[chosen].permute(0, 2, 3, 1).numpy() / 255
-        gallery = [(shown(gradcam.overlay(p, m, alpha)), f"{self.classes[int(labels[i])]} taken for "
+        gallery = [(shown(p, m, alpha), f"{self.classes[int(labels[i])]} taken for "
                     f"{self.classes[int(self.probs[i].argmax())]} ({100 * float(self.probs[i].max()):.0f}%)")
                    for p, m, i in zip(pictures, maps.cpu().numpy(), chosen)]
         wrong = int((self.probs.argmax(1) != labels).sum())

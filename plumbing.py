@@ -180,7 +180,7 @@ def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world
     batches, augment = lr_range_inputs(train_x, train_y, args.batch_size // world, args.seed + rank,
                                        not args.no_flip, args.cutout_p)
     optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, args.bn_wd)
-    result = lr_range_test(net, optimizer, criterion, batches, num_iter=max(2, args.lr_range_steps), amp_dtype=dtype,
+    result = lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps, amp_dtype=dtype,
                            transform=augment)
     max_lr = broadcast_value(result.suggested_lr, world)
     if rank == 0:

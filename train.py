@@ -221,7 +221,7 @@ def build_parser():
     add("--max-lr", type=max_lr_value, default=None,
         help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default {BASE_LR:g} x batch size / "
              f"{BASE_BATCH}, the linear scaling rule)")
-    add("--lr-range-steps", type=common.positive_int, default=100, help="steps of --max-lr auto's test (100)")
+    add("--lr-range-steps", type=common.int_at_least(2), default=100, help="steps of --max-lr auto's test (100)")
     add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
     add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
     add("--bn-wd", action=argparse.BooleanOptionalAction, default=True,

@@ -111,12 +111,12 @@ def test_plot_written(tmp_path):
 
 
 def test_cli_writes_plot_and_json(cifar, tmp_path):
-    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
-                     "--num-iter", "12", "--end-lr", "1", "--out", tmp_path)
+    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "128", "--batch-size", "32",
+                     "--num-iter", "8", "--end-lr", "1", "--out", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "suggested max LR" in res.stdout and "step 12/12  lr 1  loss" in res.stdout
+    assert "suggested max LR" in res.stdout and "step 8/8  lr 1  loss" in res.stdout
     curve = json.loads((tmp_path / "lr_range.json").read_text())
-    assert len(curve["lrs"]) == len(curve["losses"]) <= 12 and curve["lrs"][0] == 1e-7
+    assert len(curve["lrs"]) == len(curve["losses"]) <= 8 and curve["lrs"][0] == 1e-7
     assert (tmp_path / "lr_range.png").is_file()
 
 

@@ -54,8 +54,8 @@ def test_notebook_runs_top_to_bottom(cifar, tmp_path):
         (project / script.name).symlink_to(script)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = settings_cell(nb)
-    cell.source = with_settings(cell.source, EPOCHS=2, LIMIT_TRAIN=512, LIMIT_TEST=200, DATA_DIR=str(cifar),
-                                OUT="runs/nb", BATCH_SIZE=128, LR_RANGE_STEPS=10)
+    cell.source = with_settings(cell.source, EPOCHS=2, LIMIT_TRAIN=128, LIMIT_TEST=50, DATA_DIR=str(cifar),
+                                OUT="runs/nb", BATCH_SIZE=32, LR_RANGE_STEPS=8)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []

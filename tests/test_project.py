@@ -1,10 +1,14 @@
 """The README's promises about set-up: two commands, and CI runs the test one verbatim."""
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_env
 
 
 def readme_commands():
@@ -120,14 +124,33 @@ def test_no_function_is_longer_than_60_lines():
                 assert node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
 
 
-def test_readme_quick_run_learns_well_above_chance(cifar, tmp_path):
-    """The README's quick run, at batch 128 with the peak LR scaled from 512's (0.1, not 0.4),
-    must end clearly above the 10% of guessing (29% measured; 1,000 test images)."""
-    line = next(l for l in (REPO / "README.md").read_text().splitlines() if "**Quick runs**" in l)
-    command = re.search(r"`python (train\.py [^`]+)`", line).group(1).split()
-    assert "--max-lr" not in command and "128" in command
-    res = run_script(*command, "--data-dir", cifar, "--out", tmp_path / "quick")
-    assert res.returncode == 0, res.stderr
-    metrics = json.loads((tmp_path / "quick" / "metrics.json").read_text())
-    assert metrics["max_lr"] == pytest.approx(0.1)
-    assert metrics["final_test_acc"] > 18
+def readme_block(marker, language):
+    """The first fenced block of `language` after `marker` in the README, as written there."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(marker)) + len(f"```{language}\n")
+    return textwrap.dedent(text[start:text.index("```", start)])
+
+
+def test_readme_try_it_lines_and_python_snippet_run_as_written(cifar, tmp_path):
+    """A newcomer's first minutes, in a fresh folder holding the project's scripts and ./data: the
+    'Try it' lines one after another, then the 'From Python' snippet, each exactly as the README
+    has it."""
+    for script in REPO.glob("*.py"):
+        (tmp_path / script.name).symlink_to(script)
+    (tmp_path / "data").symlink_to(cifar)
+    env = {**script_env(), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    lines = readme_block("## Try it in 2 minutes on a CPU", "bash").splitlines()
+    assert [line.split()[1] for line in lines] == ["train.py", "gradcam.py", "lr_range.py"]
+    for line in lines:
+        res = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, (line, res.stderr[-3000:])
+    quick = tmp_path / "runs" / "quick"
+    assert json.loads((quick / "metrics.json").read_text())["final_test_acc"] > 18  # chance is 10%
+    for name in ["best.pt", "curves.png", "misclassified.png", "gradcam.png", "confusion.png", "lr_range/lr_range.png"]:
+        assert (quick / name).is_file(), name
+    res = subprocess.run([sys.executable, "-c", readme_block("**From Python**", "python")], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "runs" / "nb" / "gradcam.png").is_file()
+
+

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import data
 import gradcam
 import plumbing
 import train
@@ -60,29 +61,32 @@ def test_sigterm_during_a_save_leaves_no_temp_file(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
-    """torchrun forwards Ctrl-C (SIGINT) to its workers: both stop at the same step (they agree
-    every 10 steps), rank 0 saves mid-epoch and prints the torchrun resume command, which continues
-    to the uninterrupted run's weights and epoch record."""
-    args = ["--device", "cpu", "--data-dir", str(cifar), "--epochs", "1", "--limit-train", "768", "--limit-test",
-            "50", "--batch-size", "64", "--max-lr", "0.05", "--cutout-p", "1", "--no-amp"]
+    """torchrun forwards Ctrl-C (SIGINT) to its two workers: both stop at the same step (they agree
+    every 10 steps), rank 0 saves mid-epoch and prints the torchrun resume command; one process may
+    not resume it; the command continues to the uninterrupted run's weights and record."""
+    args = ["--device", "cpu", "--data-dir", str(cifar), "--epochs", "1", "--limit-train", "352", "--limit-test",
+            "50", "--batch-size", "32", "--max-lr", "0.05", "--cutout-p", "1", "--no-amp"]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     full = run_script(*torchrun, *args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("Test set:") == 1  # only rank 0 prints
     proc = subprocess.Popen([sys.executable, *torchrun, *args, "--out", str(tmp_path / "int")], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("Epoch 1/1  step 3/12"):
+        if line.startswith("Epoch 1/1  step 3/11"):
             proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     log = "".join(lines)
-    assert "Interrupted at epoch 1, step 10/12" in log, log[-3000:]
+    assert "Interrupted at epoch 1, step 10/11" in log, log[-3000:]
     hint = f"torchrun --nproc_per_node=2 train.py --resume {tmp_path / 'int' / 'last.pt'} --data-dir {cifar} " \
            f"--device cpu"
     assert f"Resume with: {hint}" in log
     saved = common.load_checkpoint(str(tmp_path / "int" / "last.pt"))
     assert (saved["epoch"], saved["step"]) == (0, 10) and len(saved["aug_generator"]) == 2
+    single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", tmp_path / "int" / "last.pt")
+    assert single.returncode == 1 and "saved by 2 process(es); resume it with the same number" in single.stderr
     resumed = run_script(*torchrun[:-1], *hint.split()[2:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference, after = (common.load_checkpoint(str(tmp_path / name / "last.pt")) for name in ("full", "int"))
@@ -90,6 +94,14 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
         assert torch.equal(value, after["model"][key]), key
     for key in ("train_loss", "train_acc", "train_images", "test_acc"):  # the epoch's two halves add up
         assert after["history"][0][key] == pytest.approx(reference["history"][0][key], rel=1e-6), key
+    assert sorted(os.listdir(tmp_path / "int")) == ["best.pt", "curves.png", "last.pt", "metrics.json"]
+    # the all-reduced test result counts each test image once, with rank 0's BN statistics, those saved
+    model, *_ = common.model_from_checkpoint(after)
+    test_x, test_y, _ = data.load_cifar10(cifar, "test")
+    alone = train.evaluate(model, test_x[:50], test_y[:50], 50)
+    assert alone["accuracy"] == after["history"][0]["test_acc"] and alone["total"] == 50
+    single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", tmp_path / "int" / "last.pt")
+    assert single.returncode == 0 and "is a finished run (1 of 1 epochs)" in single.stdout, single.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +261,8 @@ def test_scoring_a_long_test_set_shows_progress():
 
 
 def test_one_epoch_is_not_one_epochs(cifar, tmp_path, capsys):
-    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384)
-    assert "batch 128, 1 epoch\n" in capsys.readouterr().out
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96)
+    assert "batch 32, 1 epoch\n" in capsys.readouterr().out
 
 
 def test_help_says_batchnorm_statistics_stay_per_process_under_torchrun():

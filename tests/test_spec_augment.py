@@ -48,7 +48,7 @@ def test_spec_transform_grays_15_percent_and_fills_holes_with_the_mean_tuple():
 def test_script_trains_with_train_py_flags(cifar, tmp_path):
     out = tmp_path / "run"
     res = run_script("results/spec_augment.py", "--data-dir", cifar, "--optimizer", "adam", "--max-lr", "0.01",
-                     "--limit-train", "512", "--limit-test", "100", "--batch-size", "128", "--epochs", "1",
+                     "--limit-train", "128", "--limit-test", "50", "--batch-size", "32", "--epochs", "1",
                      "--out", out)
     assert res.returncode == 0, res.stderr
     metrics = json.loads((out / "metrics.json").read_text())

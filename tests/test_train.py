@@ -18,11 +18,11 @@ import train
 from resnet import ResNet18
 from conftest import REPO, run_script, script_env
 
-TINY = ["--limit-train", "512", "--limit-test", "100", "--batch-size", "128", "--max-lr", "0.05"]
+TINY = ["--limit-train", "128", "--limit-test", "50", "--batch-size", "32", "--max-lr", "0.05"]
 
 
 def tiny_fit(cifar, out, **kw):
-    args = dict(data_dir=str(cifar), out=str(out), limit_train=512, limit_test=100, batch_size=128, max_lr=0.05)
+    args = dict(data_dir=str(cifar), out=str(out), limit_train=128, limit_test=50, batch_size=32, max_lr=0.05)
     args.update(kw)
     return train.fit(**args)
 
@@ -104,10 +104,10 @@ def test_fit_learns_and_writes_outputs(cifar, tmp_path):
 
 
 def test_shortest_onecycle_runs_and_shorter_is_a_clear_error(cifar, tmp_path):
-    history = tiny_fit(cifar, tmp_path / "three", epochs=1, limit_train=384)  # 3 steps of 128
-    assert len(history) == 1 and history[0]["train_images"] == 384
+    history = tiny_fit(cifar, tmp_path / "three", epochs=1, limit_train=96)  # 3 steps of 32
+    assert len(history) == 1 and history[0]["train_images"] == 96
     with pytest.raises(common.UserError, match="only 2 training steps: OneCycle needs at least 3"):
-        tiny_fit(cifar, tmp_path / "two", epochs=1, limit_train=256)
+        tiny_fit(cifar, tmp_path / "two", epochs=1, limit_train=64)
 
 
 @pytest.mark.parametrize("smoothing, label", [(0.1, "train (targets smoothed by 0.1)"), (0.0, "train")])
@@ -125,12 +125,12 @@ def test_checkpoint_round_trip(cifar, tmp_path):
     history = tiny_fit(cifar, out, epochs=1)
     ckpt = common.load_checkpoint(str(out / "best.pt"))
     assert ckpt["classes"] == list(data.CLASSES) and ckpt["mean"] == list(data.MEAN)
-    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 128 and ckpt["history"] == history
+    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 32 and ckpt["history"] == history
     assert {"optimizer", "scheduler", "scaler", "aug_generator"} <= set(ckpt)
     model, classes, mean, std = common.model_from_checkpoint(ckpt)
     assert classes == list(data.CLASSES) and (mean, std) == (data.MEAN, data.STD)
     test_x, test_y, _ = data.load_cifar10(cifar, "test")
-    result = train.evaluate(model, test_x[:100], test_y[:100], 50, common.amp_dtype(torch.device("cpu")))
+    result = train.evaluate(model, test_x[:50], test_y[:50], 25, common.amp_dtype(torch.device("cpu")))
     assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
 
 
@@ -165,7 +165,7 @@ def test_resume_after_sigint_sigterm_and_sigkill_equals_uninterrupted_run(cifar,
         assert resume_line == ["Resume with: " + shlex.join(hints[name])]
         saved = common.load_checkpoint(str(tmp_path / name / "last.pt"))
         assert (saved["epoch"], saved["step"]) in [(0, 2), (0, 3)]
-        assert saved["partial"][2] == saved["step"] * 128 and saved["partial"][3] > 0
+        assert saved["partial"][2] == saved["step"] * 32 and saved["partial"][3] > 0
     saved = common.load_checkpoint(str(tmp_path / "int" / "last.pt"))
     saved["partial"][3] += 1000.0  # as if the steps before the stop had taken 1,000 s more
     torch.save(saved, tmp_path / "int" / "last.pt")
@@ -190,8 +190,8 @@ def test_resume_after_sigint_sigterm_and_sigkill_equals_uninterrupted_run(cifar,
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert [e["test_acc"] for e in metrics["epochs"]] == [h["test_acc"] for h in reference["history"]]
     first = json.loads((tmp_path / "int" / "metrics.json").read_text())["epochs"][0]
-    assert first["train_images"] == 512 and first["train_seconds"] > 1000  # the whole epoch's time, both halves
-    assert first["train_images_per_s"] < 512 / 1000
+    assert first["train_images"] == 128 and first["train_seconds"] > 1000  # the whole epoch's time, both halves
+    assert first["train_images_per_s"] < 128 / 1000
 
 
 def test_non_finite_loss_stops_with_a_clear_message(cifar, tmp_path):
@@ -299,15 +299,15 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
 
 def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
     out = tmp_path / "auto"
-    tiny_fit(cifar, out, epochs=1, max_lr="auto", lr_range_steps=12, limit_train=256, batch_size=32)
+    tiny_fit(cifar, out, epochs=1, max_lr="auto", lr_range_steps=8, limit_train=128, batch_size=32)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["max_lr"] == metrics["lr_range"]["suggested_lr"] > 0
-    assert len(metrics["lr_range"]["lrs"]) <= 12
+    assert len(metrics["lr_range"]["lrs"]) <= 8
     assert (out / "lr_range.png").is_file()
     assert common.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
     # lr_range.py on its own, with the same flags and seed, sweeps the same curve
-    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "256", "--batch-size", "32",
-                     "--num-iter", "12", "--device", "cpu", "--out", tmp_path / "alone")
+    res = run_script("lr_range.py", "--data-dir", cifar, "--limit-train", "128", "--batch-size", "32",
+                     "--num-iter", "8", "--device", "cpu", "--out", tmp_path / "alone")
     assert res.returncode == 0, res.stderr
     alone = json.loads((tmp_path / "alone" / "lr_range.json").read_text())
     assert alone["lrs"] == metrics["lr_range"]["lrs"]
@@ -404,9 +404,9 @@ def test_one_epoch_curves_have_whole_number_ticks(tmp_path):
 
 
 def test_peak_lr_follows_the_batch_size(cifar, tmp_path, capsys):
-    tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=384)
-    assert "Peak LR 0.1 = 0.4 x batch 128 / 512" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.1)
+    tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=96)
+    assert "Peak LR 0.025 = 0.4 x batch 32 / 512" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.025)
 
 
 def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
@@ -428,7 +428,7 @@ def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
 
 
 def test_no_tta_leaves_the_tta_fields_empty(cifar, tmp_path):
-    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384, tta=False)
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, tta=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final_test_acc_tta"] is None and metrics["epochs"][0]["test_acc_tta"] is None
 
@@ -557,12 +557,12 @@ def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
         return transform(images, generator, use_flip, cutout_p, flip_mask)
 
     monkeypatch.setattr(data, "train_transform", recording)
-    tiny_fit(cifar, tmp_path / "alternate", epochs=2, limit_train=384, alternate_flip=True, tta=False)
-    assert len(seen) == 6 and all(mask is not None and len(mask) == 128 for mask in seen)
+    tiny_fit(cifar, tmp_path / "alternate", epochs=2, limit_train=96, alternate_flip=True, tta=False)
+    assert len(seen) == 6 and all(mask is not None and len(mask) == 32 for mask in seen)
     epoch1, epoch2 = torch.cat(seen[:3]).sum(), torch.cat(seen[3:]).sum()
-    assert int(epoch1) + int(epoch2) == 384  # each image mirrored in exactly one of the two epochs
+    assert int(epoch1) + int(epoch2) == 96  # each image mirrored in exactly one of the two epochs
     seen.clear()
-    tiny_fit(cifar, tmp_path / "random", epochs=1, limit_train=384, tta=False)
+    tiny_fit(cifar, tmp_path / "random", epochs=1, limit_train=96, tta=False)
     assert seen == [None, None, None]
 
 
@@ -572,7 +572,7 @@ def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
     monkeypatch.setattr(plumbing, "warm_up", lambda *a, **k: 0.5)
-    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=384, compile=True, compile_mode="max-autotune")
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, compile=True, compile_mode="max-autotune")
     assert modes == ["max-autotune", "max-autotune"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["warmup_seconds"] == 0.5 and metrics["wall_seconds"] > metrics["train_seconds"] > 0

@@ -36,6 +36,8 @@ RECIPES = {  # train.py flags beyond --data-dir, --out and --seed
     "b256": "--batch-size 256",  # the peak LR follows the batch: 0.1
     "spec-recipe": SPEC,
     "default-compile": "--compile",
+    "compile-ro": "--compile --compile-mode reduce-overhead",  # bench.py: 1.6x eager's images/s
+    "b1024-compile-ro": "--batch-size 1024 --compile --compile-mode reduce-overhead",  # peak LR 0.8
 }
 BENCH = "{python} bench.py --data-dir {data} --steps 20 --windows 5 --peak-tflops 790 --skip-reference"
 OTHER_STEPS = {  # name: command, run in the repository root, with {dir} the step's folder
@@ -48,6 +50,8 @@ OTHER_STEPS = {  # name: command, run in the repository root, with {dir} the ste
                                  "--json {dir}/bench.json",
     "bench-reduce-overhead": BENCH + " --batch-size 512 --compile --compile-mode reduce-overhead "
                                      "--json {dir}/bench.json",
+    "bench-reduce-overhead-1024": BENCH + " --batch-size 1024 --compile --compile-mode reduce-overhead "
+                                          "--json {dir}/bench.json",
     "profile": BENCH + " --batch-size 512 --json {dir}/bench.json --profile {dir}/profile.json",
     "gpu-tests": "CIFAR10_SHARED=$PWD/.data {python} -m pytest -q tests/test_bench.py tests/test_train.py "
                  "-k 'cuda or never_waits or fit_learns'",
