@@ -307,7 +307,7 @@ def run_epoch(state, model, criterion, train_x, train_y, test, dtype, stop, tb, 
     plumbing.check_test_loss(state, result)
     log(plumbing.test_line(result), flush=True)
     plumbing.end_epoch(state, stats, result, device, dtype, tb)
-    if stop.agreed(state.world, device):
+    if state.epoch < args.epochs and stop.agreed(state.world, device):  # a finished run just finishes
         plumbing.stop_now(state, stop, None, f"after epoch {state.epoch}")
 
 
