@@ -59,6 +59,23 @@ def test_sigterm_during_a_save_leaves_no_temp_file(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_signal_during_the_last_test_lets_the_run_finish(cifar, tmp_path, monkeypatch, capsys):
+    """A SIGTERM while the last epoch is tested: everything is done, so the run finishes as usual
+    instead of saving a 'resumable' finished run and printing a resume line."""
+    result, calls = train.test_result, []
+
+    def signal_in_epoch_2(sums, tta=True):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result(sums, tta)
+
+    monkeypatch.setattr(train, "test_result", signal_in_epoch_2)
+    history = tiny_fit(cifar, tmp_path / "run", epochs=2)
+    assert len(history) == 2 and "Resume with" not in capsys.readouterr().out
+    assert len(strict_json(tmp_path / "run" / "metrics.json")["epochs"]) == 2
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
     """torchrun forwards Ctrl-C (SIGINT) to its two workers: both stop at the same step (they agree
