@@ -280,8 +280,8 @@ def train(args, ckpt, device, rank, world):
             state.warmup_seconds = plumbing.warm_up(lambda n: train_epoch(
                 model, itertools.islice(warm_batches, n), criterion, state.optimizer, state.scaler, state.scheduler,
                 dtype), test, state)
-            log(f"Warm-up (cuDNN autotuning{', compilation' if args.compile else ''}): "
-                f"{state.warmup_seconds:.1f} s, not counted as training")
+            what = ", ".join(["cuDNN autotuning"] * (device.type == "cuda") + ["compilation"] * args.compile)
+            log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
         for _ in range(state.epoch, args.epochs):
             run_epoch(state, model, criterion, train_x, train_y, test, dtype, stop, tb, log)
         if rank == 0:

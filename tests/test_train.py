@@ -566,13 +566,15 @@ def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
     assert seen == [None, None, None]
 
 
-def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch):
+def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch, capsys):
     """--compile --compile-mode M compiles the training and the testing model with mode M (here
-    torch.compile is replaced by a recorder: compiling on the CPU would take minutes)."""
+    torch.compile is replaced by a recorder: a real compile on the CPU takes about a minute); the
+    warm-up line names only what a CPU run does."""
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
     monkeypatch.setattr(plumbing, "warm_up", lambda *a, **k: 0.5)
     tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, compile=True, compile_mode="max-autotune")
     assert modes == ["max-autotune", "max-autotune"]
+    assert "Warm-up (compilation): 0.5 s, not counted as training" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["warmup_seconds"] == 0.5 and metrics["wall_seconds"] > metrics["train_seconds"] > 0
