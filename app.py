@@ -41,8 +41,7 @@ def enlarged(array, mode):
     """A H x W (x C) array as SHOWN x SHOWN (x C), by `mode` ('nearest' or 'bilinear')."""
     tensor = torch.as_tensor(array, dtype=torch.float32)
     tensor = tensor.permute(2, 0, 1)[None] if tensor.dim() == 3 else tensor[None, None]
-    big = F.interpolate(tensor, size=(SHOWN, SHOWN), mode=mode, **({} if mode == "nearest" else
-                                                                     {"align_corners": False}))[0]
+    big = F.interpolate(tensor, size=(SHOWN, SHOWN), mode=mode, align_corners=None if mode == "nearest" else False)[0]
     return big.permute(1, 2, 0).numpy() if array.ndim == 3 else big[0].numpy()
 
 

@@ -222,7 +222,7 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     With p < 1 each image gets its hole with probability p (albumentations' Cutout, which the
     spec's run used, defaults to p=0.5). p=1 draws no extra random numbers, so a seed gives the
     same holes as before p existed."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     cy = _randint(h, n, generator, images.device)[:, None]
     cx = _randint(w, n, generator, images.device)[:, None]
     ys = torch.arange(h, device=images.device)[None]

@@ -96,7 +96,6 @@ class GradCAM:
             raise ValueError(f"the target layer's map is {h} x {w} at this input size, too small to localize "
                              f"anything; pick an earlier layer")
 
-
     @staticmethod
     def classes_for(class_idx, logits):
         """One class index per image: the predicted ones (None), one for all (an int), or one each."""
@@ -278,9 +277,12 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
         probs = predict(model, images, mean, std, tta=tta, progress=print).cpu()
         refuse_non_finite(probs, ckpt)
         summary, chosen = write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed)
-        matrix = confusion_matrix(probs.argmax(1), labels, len(classes)).numpy()
+        matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
+        common.save_json(os.path.join(out, "confusion.json"), {
+            "checkpoint": ckpt, "classes": classes, "rows": "actual", "columns": "predicted",
+            "counts": matrix.tolist()})
         figures = {"summary": summary, "misclassified": None, "gradcam": None,
-                   "confusion": draw_confusion(matrix, classes, os.path.join(out, "confusion.png"))}
+                   "confusion": draw_confusion(matrix.numpy(), classes, os.path.join(out, "confusion.png"))}
         if not summary["misclassified"]:
             print(f"no misclassified images: nothing to draw (wrote misclassified.json with an empty list, "
                   f"confusion.png and confusion.json to {out})")
@@ -292,7 +294,7 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
 
 
 def write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed):
-    """misclassified.json and confusion.json; returns the summary and the chosen images' indices."""
+    """misclassified.json; returns its summary and the chosen images' indices."""
     predicted = probs.argmax(1)
     accuracy = 100 * (predicted == labels).double().mean().item()
     chosen = misclassified(probs, labels, count, seed)
@@ -304,9 +306,6 @@ def write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed):
     summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(labels), "tta": tta,
                "test_accuracy": accuracy, "misclassified": records}
     common.save_json(os.path.join(out, "misclassified.json"), summary)
-    common.save_json(os.path.join(out, "confusion.json"), {
-        "checkpoint": ckpt, "classes": classes, "rows": "actual", "columns": "predicted",
-        "counts": confusion_matrix(predicted, labels, len(classes)).tolist()})
     return summary, chosen
 
 

@@ -250,10 +250,15 @@ def stop_now(state, stop, checkpoint, where):
     raise Stopped(stop.signum)
 
 
+def epoch_totals(stats, world):
+    """[summed loss, correct, images] of the epoch so far, all processes' together."""
+    sums = stats["sums"]
+    return all_reduce(torch.cat([sums, sums.new_tensor([stats["seen"]])]), world).tolist()
+
+
 def stop_mid_epoch(state, stop, stats, next_step):
     """Keep where the epoch stopped and its sums so far (all processes' together) in last.pt, then stop."""
-    totals = all_reduce(torch.cat([stats["sums"], stats["sums"].new_tensor([stats["seen"]])]), state.world)
-    state.step, state.partial = next_step, totals.tolist() + [stats["seconds"]]
+    state.step, state.partial = next_step, epoch_totals(stats, state.world) + [stats["seconds"]]
     stop_now(state, stop, state.checkpoint(), f"at epoch {state.epoch + 1}, step {state.step}/{state.steps}")
 
 
@@ -332,9 +337,8 @@ class TrainState:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.aug_generator.set_state(ckpt["aug_generator"][self.rank])
-        self.epoch, self.step, self.history, self.best_acc = ckpt["epoch"], ckpt["step"], ckpt["history"], \
-            ckpt["best_acc"]
-        self.saved_epoch = ckpt["epoch"]
+        self.epoch, self.step, self.saved_epoch = ckpt["epoch"], ckpt["step"], ckpt["epoch"]
+        self.history, self.best_acc = ckpt["history"], ckpt["best_acc"]
         partial = ckpt.get("partial")
         # checkpoints saved before the seconds were kept have three entries; that time is lost
         self.partial = (list(partial) + [0.0])[:4] if partial else None
@@ -483,14 +487,12 @@ def warm_up(train_steps, test, state, steps=3):
     cuDNN's autotuning (and torch.compile) happen before the clock starts. train_steps(n) and
     test() are the run's own, on a generator of their own. Returns the seconds."""
     start = time.perf_counter()
-    saved = copy.deepcopy([state.net.state_dict(), state.optimizer.state_dict(), state.scheduler.state_dict(),
-                           state.scaler.state_dict()])
+    restored = [state.net, state.optimizer, state.scheduler, state.scaler]
+    saved = copy.deepcopy([part.state_dict() for part in restored])
     train_steps(steps)
     test()
-    state.net.load_state_dict(saved[0])
-    state.optimizer.load_state_dict(saved[1])
-    state.scheduler.load_state_dict(saved[2])
-    state.scaler.load_state_dict(saved[3])
+    for part, part_state in zip(restored, saved):
+        part.load_state_dict(part_state)
     state.optimizer.zero_grad(set_to_none=True)
     device = next(state.net.parameters()).device
     if device.type == "cuda":
@@ -532,8 +534,7 @@ def test_line(result):
 
 def end_epoch(state, stats, result, device, dtype, tb):
     """Record the epoch in the history, then save best.pt, last.pt, metrics.json (rank 0)."""
-    loss_sum, correct, seen = all_reduce(torch.cat([stats["sums"], stats["sums"].new_tensor(
-        [stats["seen"]])]), state.world).tolist()
+    loss_sum, correct, seen = epoch_totals(stats, state.world)
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
                           "test_acc_tta": result.get("accuracy_tta"), "lr": stats["lr"],
