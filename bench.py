@@ -123,7 +123,7 @@ def graphed_step(net, criterion, optimizer, batch_size, dtype, device):
     static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def forward_backward_step():
-        with common.autocast(device, dtype):
+        with train.autocast(device, dtype):
             loss = criterion(net(static_x), static_y)
         loss.backward()
         optimizer.step()
@@ -165,20 +165,19 @@ def default_path(images, labels, args, device):
 
     def batches():
         while True:
-            yield from data.batch_indices(len(images), args.batch_size, True, torch.Generator().manual_seed(0),
-                                          True, device=device)
+            yield from train.epoch_batches(images, labels, batch_size=args.batch_size, epoch=0, generator=generator,
+                                           cutout_p=cutout_p)
 
     order = batches()
 
     replay = graphed_step(model, criterion, optimizer, args.batch_size, dtype, device) if args.cuda_graph else None
 
     def step():
-        idx = next(order)
-        x = data.train_transform(images[idx], generator, True, cutout_p).contiguous(memory_format=torch.channels_last)
+        x, y = next(order)
         if replay:
-            replay(x, labels[idx])
+            replay(x, y)
         else:
-            train.train_step(model, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
+            train.train_step(model, x, y, criterion, optimizer, scaler, scheduler, dtype)
 
     net.train()
     train_rates = timed_windows(step, args.batch_size, args.warmup, args.steps, args.windows, device)
@@ -187,7 +186,7 @@ def default_path(images, labels, args, device):
 
     @torch.no_grad()
     def eval_step():
-        with common.autocast(device, dtype):
+        with train.autocast(device, dtype):
             model(eval_x).argmax(1)
 
     net.eval()

@@ -1,7 +1,9 @@
-"""What every script must do the same way: argument types, device and precision, files and checkpoints.
+"""What every script does the same way, in five parts: one-sentence errors and argument types; device
+and precision; the recipe's optimizer; files (atomic saves, the output folder's lock, SIGTERM); and
+checkpoints.
 
-Imports only data.py and resnet.py, so train.py, lr_range.py, gradcam.py and bench.py can each be
-copied with this file, data.py and resnet.py. Nothing here keeps state between calls.
+Imports only data.py and resnet.py, so lr_range.py, gradcam.py and bench.py can each be copied with
+this file, data.py and resnet.py. Nothing here keeps state between calls.
 """
 import argparse
 import errno
@@ -26,7 +28,7 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command-line argument types: argparse turns their ArgumentTypeError into a one-line usage error
+# Argument types: argparse turns their ArgumentTypeError into a one-line usage error
 
 
 def int_at_least(minimum):
@@ -155,12 +157,12 @@ def precision_name(dtype):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def autocast(device, dtype):
-    """Mixed precision in dtype, or a no-op context for fp32 (dtype None)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+# ---------------------------------------------------------------------------------------------
+# The recipe's optimizer: here, since train.py and lr_range.py both build it and lr_range.py copies
+# without train.py
 
 
-def make_optimizer(model, name, lr, wd, bn_wd=True):
+def make_optimizer(model, name, lr, wd, *, bn_wd=True):
     """SGD with Nesterov momentum, or Adam; OneCycle cycles the momentum (Adam's beta1). With
     bn_wd=False the weight decay spares the one-dimensional parameters, BatchNorm's scales and
     shifts and the classifier's bias, as airbench and hlb-CIFAR10 train."""

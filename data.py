@@ -140,9 +140,17 @@ def _channel_stats(mean, std, device):
 
 
 def normalize(images, mean=MEAN, std=STD):
-    """uint8 images in 0..255 to float, per channel (x/255 - mean) / std."""
+    """Images to the model's float input, per channel (x - mean) / std with x in [0, 1]: uint8 (or
+    other whole-number) images in 0..255, or floats already in [0, 1] (torchvision's ToTensor gives
+    those), channels first. Floats above 1 are refused: they are 0..255 values, scaled twice."""
+    check_layout(images, "normalize")
     mean, std = _channel_stats(tuple(mean), tuple(std), images.device)
-    return (images.float() / 255 - mean) / std
+    if not images.is_floating_point():
+        return (images.float() / 255 - mean) / std
+    if images.numel() and float(images.max()) > 1:  # a host sync, off the training path (uint8)
+        raise ValueError(f"normalize takes uint8 images in 0..255 or floats in [0, 1]; these floats reach "
+                         f"{float(images.max()):g}: pass the uint8 images, or divide by 255 first")
+    return (images.float() - mean) / std
 
 
 def denormalize(images, mean=MEAN, std=STD):
@@ -169,15 +177,28 @@ def _uniform(n, generator, device):
     return torch.rand(n, generator=generator, device=_generator_device(generator, device)).to(device)
 
 
+def check_layout(images, name):
+    """Refuse, in one sentence, images whose channels come last (N x H x W x C, the layout of
+    torchvision's CIFAR10(...).data and of most numpy image code): every function here takes them
+    first, and would otherwise crop, flip and cut the wrong axes without an error."""
+    if images.dim() in (3, 4) and images.shape[-1] in (1, 3) and images.shape[-3] not in (1, 3, 4):
+        layout = "N x H x W x C" if images.dim() == 4 else "H x W x C"
+        order = "0, 3, 1, 2" if images.dim() == 4 else "2, 0, 1"
+        raise ValueError(f"{name} takes channels first (N x C x H x W, or one image C x H x W), but this "
+                         f"{tuple(images.shape)} looks like {layout}: pass images.permute({order})")
+
+
 def one_or_batch(transform):
-    """Let a batch transform (N x C x H x W) take one C x H x W image too, returning one image."""
+    """Let a batch transform (N x C x H x W) take one C x H x W image too, returning one image;
+    channels-last input is refused (check_layout)."""
     @functools.wraps(transform)
     def wrapper(images, *args, **kwargs):
-        if images.dim() == 3:
-            return transform(images[None], *args, **kwargs)[0]
-        if images.dim() != 4:
+        if images.dim() not in (3, 4):
             raise ValueError(f"{transform.__name__} takes a batch N x C x H x W or one image C x H x W, "
                              f"not shape {tuple(images.shape)}")
+        check_layout(images, transform.__name__)
+        if images.dim() == 3:
+            return transform(images[None], *args, **kwargs)[0]
         return transform(images, *args, **kwargs)
     return wrapper
 
@@ -249,16 +270,17 @@ def _fill_tensor(fill, images):
     return values.to(images.dtype).to(images.device).view(1, -1, 1, 1)
 
 
-def train_transform(images, generator=None, use_flip=True, cutout_p=1.0, flip_mask=None):
-    """The training augmentation: RandomCrop(32, padding=4), optional flip (at random, or where
-    flip_mask says), normalize, Cutout 16x16 (on each image with probability cutout_p)."""
+def train_transform(images, generator=None, *, use_flip=True, cutout_p=1.0, flip_mask=None):
+    """The training augmentation of a uint8 batch: RandomCrop(32, padding=4), a horizontal flip (at
+    random, or where flip_mask says; none without use_flip), normalize, Cutout 16x16 (on each image
+    with probability cutout_p)."""
     images = random_crop(images, 4, generator)
     if use_flip:
         images = flip(images, generator, flip_mask)
     return cutout(normalize(images), 16, 0.0, generator, cutout_p)
 
 
-def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1,
+def batch_indices(n, batch_size, *, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1,
                   start=0, device=None):
     """Index tensors of each batch, from batch number `start` on (to resume mid-epoch).
 
@@ -273,9 +295,8 @@ def batch_indices(n, batch_size, shuffle=False, generator=None, drop_last=False,
         yield batch.tensor_split(world_size)[rank] if world_size > 1 else batch
 
 
-def batches(images, labels, batch_size, shuffle=False, generator=None, drop_last=False,
-            rank=0, world_size=1):
+def batches(images, labels, batch_size, *, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1):
     """(images, labels) batches from device tensors: shuffled for training, in order for test."""
-    for idx in batch_indices(len(images), batch_size, shuffle, generator, drop_last, rank, world_size,
-                             device=images.device):
+    for idx in batch_indices(len(images), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                             rank=rank, world_size=world_size, device=images.device):
         yield images[idx], labels[idx]

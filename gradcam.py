@@ -15,6 +15,7 @@ after 14 of the 17 conv layers, deep enough to be class-specific, at twice the r
 import argparse
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ class GradCAM:
     gradient of the class's logit (before softmax) with respect to A^k; upsampled bilinearly to the
     input size and scaled to [0, 1] per map. images are the normalized float inputs the model takes,
     a batch N x C x H x W or one image C x H x W (its map is then H x W), moved to the model's
-    device. One forward and one backward per call; the model's mode, its parameters' requires_grad
-    and their .grad are left as they were.
+    device. The model must be in eval mode. One forward per call; the gradient is
+    torch.autograd.grad's with respect to the activations, so no parameter's .grad or requires_grad
+    and no mode is touched, and several threads may explain with one model at once: the forward hook
+    that catches the activations keeps only its own thread's.
     """
 
     def __init__(self, model, layer):
@@ -52,41 +55,44 @@ class GradCAM:
         if not images.is_floating_point():
             raise ValueError(f"GradCAM takes the normalized float images the model was trained on, not "
                              f"{images.dtype}; normalize them first (data.normalize for CIFAR-10)")
+        if self.model.training:
+            raise ValueError("GradCAM needs the model in eval mode: call model.eval() first (in train mode "
+                             "BatchNorm would use this batch's statistics and change its running ones)")
         single = images.dim() == 3
         x = (images[None] if single else images).detach().to(next(self.model.parameters()).device, torch.float32)
-        kept = {}
+        caught, thread = [], threading.get_ident()
 
-        def keep(module, inputs, output):
-            kept["activations"] = output
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: kept.__setitem__("gradients", grad))
+        def catch(module, inputs, output):
+            if threading.get_ident() == thread:  # another thread's forward through the same layer
+                caught.append(output)
 
-        hook = self.layer.register_forward_hook(keep)
-        was_training, requires_grad = self.model.training, [p.requires_grad for p in self.model.parameters()]
+        hook = self.layer.register_forward_hook(catch)
         try:
-            self.model.eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)  # gradients flow to the input only: no parameter .grad touched
             with torch.enable_grad():
                 logits = self.model(x.requires_grad_(True))
-                self.check_map(kept.get("activations"))
-                logits.gather(1, self.classes_for(class_idx, logits)[:, None]).sum().backward()
         finally:
             hook.remove()
-            for p, flag in zip(self.model.parameters(), requires_grad):
-                p.requires_grad_(flag)
-            self.model.train(was_training)
-        if "gradients" not in kept:
+        activations = self.check_map(caught)
+        score = logits.gather(1, self.classes_for(class_idx, logits)[:, None]).sum()
+        gradients = None
+        if score.requires_grad and activations.requires_grad:
+            gradients = torch.autograd.grad(score, activations, allow_unused=True)[0]
+        if gradients is None:
             raise ValueError("the class scores do not depend on this layer's output; pick a layer on the path "
                              "from the input to the logits")
-        maps = cam_from(kept["activations"].detach(), kept["gradients"], x.shape[-2:])
+        maps = cam_from(activations.detach(), gradients, x.shape[-2:])
         return (maps[0], logits[0].detach()) if single else (maps, logits.detach())
 
     @staticmethod
-    def check_map(activations):
-        """The target layer's output must be a map of at least 2 x 2 to localize anything."""
-        if activations is None:
+    def check_map(caught):
+        """The target layer's one output, a map of at least 2 x 2: a layer the forward calls more than
+        once (torchvision's BasicBlock reuses its ReLU) has no one map to explain."""
+        if not caught:
             raise ValueError("the target layer was not called by the model's forward; pick one that is")
+        if len(caught) > 1:
+            raise ValueError(f"the target layer runs {len(caught)} times in one forward, so its map is ambiguous; "
+                             f"pick a module that runs once, such as the block or the convolution that holds it")
+        activations = caught[0]
         if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
             what = tuple(activations.shape) if isinstance(activations, torch.Tensor) else type(activations).__name__
             raise ValueError(f"the target layer's output ({what}) is not a spatial map N x C x H x W; pick a "
@@ -95,6 +101,7 @@ class GradCAM:
         if h * w < 4:
             raise ValueError(f"the target layer's map is {h} x {w} at this input size, too small to localize "
                              f"anything; pick an earlier layer")
+        return activations
 
     @staticmethod
     def classes_for(class_idx, logits):

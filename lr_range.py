@@ -65,15 +65,17 @@ class LRRangeResult:
         return asdict(self)
 
 
-def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10, num_iter=100,
-                  step_mode="exp", smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None):
+def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr=10, num_iter=100, step_mode="exp",
+                  smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None, mean_loss=None):
     """Sweep the LR from start_lr to end_lr (exactly) over num_iter training steps, exponentially or
     linearly; stop once the smoothed loss passes diverge_th x its best. Returns an LRRangeResult.
 
     `batches` yields (inputs, targets, ...) of any length and on any device (a DataLoader, a list);
     it is iterated again when it runs out, and each batch is moved to the model's device and passed
     through `transform` (e.g. the training augmentation). amp_dtype (torch.bfloat16 or float16)
-    trains in mixed precision. progress(step, lr, loss), if given, is called after every step. The
+    trains in mixed precision. progress(step, lr, loss), if given, is called after every step. Under
+    torchrun, mean_loss(loss) averages a step's loss over the processes (an all-reduce): every process
+    then follows one curve and stops at the same step, so no collective call is left waiting. The
     model's weights and buffers, its train/eval mode and the optimizer's state are put back after.
     """
     if num_iter < 2 or step_mode not in ("exp", "linear") or not 0 < start_lr < end_lr:
@@ -106,7 +108,7 @@ def lr_range_test(model, optimizer, criterion, batches, start_lr=1e-7, end_lr=10
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            value = loss.item()
+            value = (mean_loss(loss.detach().float()) if mean_loss is not None else loss).item()
             smoothed = result.add(lr, value, smooth)
             if progress is not None:
                 progress(step, lr, value)
@@ -150,7 +152,7 @@ def plot_lr_range(result, path=None):
     return fig
 
 
-def lr_range_inputs(images, labels, batch_size, seed, use_flip, cutout_p):
+def lr_range_inputs(images, labels, batch_size, *, seed=0, use_flip=True, cutout_p=0.5):
     """The range test's endless shuffled batches and their augmentation (train.py's), both seeded
     with seed + 1: apart from training's draws, and the same for train.py --max-lr auto and here."""
     order = torch.Generator().manual_seed(seed + 1)
@@ -158,10 +160,11 @@ def lr_range_inputs(images, labels, batch_size, seed, use_flip, cutout_p):
 
     def batches():
         while True:
-            yield from data.batches(images, labels, batch_size, True, order, drop_last=True)
+            yield from data.batches(images, labels, batch_size, shuffle=True, generator=order, drop_last=True)
 
     def augment(x):
-        return data.train_transform(x, generator, use_flip, cutout_p).contiguous(memory_format=torch.channels_last)
+        x = data.train_transform(x, generator, use_flip=use_flip, cutout_p=cutout_p)
+        return x.contiguous(memory_format=torch.channels_last)
 
     return batches(), augment
 
@@ -227,11 +230,12 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, args.optimizer, args.start_lr, args.wd)
     print(f"LR range test: {args.optimizer}, {args.start_lr:g} to {args.end_lr:g} over {args.num_iter} steps "
           f"on {device} ({common.precision_name(amp_dtype)})")
-    batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, args.seed,
-                                       not args.no_flip, args.cutout_p)
+    batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, seed=args.seed,
+                                       use_flip=not args.no_flip, cutout_p=args.cutout_p)
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                           batches, args.start_lr, args.end_lr, args.num_iter, args.step_mode,
-                           amp_dtype=amp_dtype, transform=augment, progress=progress_printer(args.num_iter))
+                           batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
+                           step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
+                           progress=progress_printer(args.num_iter))
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print(f"suggested max LR (steepest slope): {result.suggested_lr:.3g}; minimum loss at {result.min_loss_lr:.3g}, "

@@ -1,11 +1,12 @@
-"""What a training run needs besides its recipe (train.py): processes under torchrun, the state that
-last.pt keeps and resuming from it, stopping on Ctrl-C or SIGTERM, the step watch (progress, finite
-loss), the warm-up, metrics.json and TensorBoard.
+"""What a training run needs besides its recipe (train.py): the run's context under torchrun, the state
+that last.pt keeps and resuming from it, stopping on Ctrl-C or SIGTERM, progress and the finite-loss
+check, the warm-up, metrics.json, curves.png and TensorBoard.
 
 Stopping: the first Ctrl-C or SIGTERM (what schedulers and torchrun send) lets the current step
 finish; the run saves last.pt, mid-epoch if need be, prints how to resume and exits with 128 + the
-signal's number (130, 143). A second signal stops at once. Under torchrun every process stops at the
-same step: they agree every STOP_CHECK_EVERY steps, and rank 0 saves.
+signal's number (130, 143). A second signal stops at once. Under torchrun the processes agree on
+stopping every STOP_CHECK_EVERY steps and at the end of each epoch, so all stop at one point, and
+rank 0 saves.
 """
 import argparse
 import copy
@@ -24,7 +25,6 @@ import torch.nn as nn
 import common
 import data
 from common import UserError
-from lr_range import lr_range_inputs, lr_range_test, plot_lr_range
 from resnet import ResNet18
 
 STOP_CHECK_EVERY = 10  # steps between the processes' agreements on stopping, under torchrun
@@ -35,7 +35,7 @@ class NonFiniteLoss(UserError):
 
 
 class Stopped(KeyboardInterrupt):
-    """A run stopped by a signal after saving; main() exits with 128 + signum."""
+    """A run stopped by a signal after saving; train.main() exits with 128 + signum."""
 
     def __init__(self, signum):
         super().__init__(signum)
@@ -43,47 +43,83 @@ class Stopped(KeyboardInterrupt):
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes
+# The run's context: arguments, device, processes, signals, log
 
 
-def distributed_env():
-    """(rank, local_rank, world_size) from torchrun's environment, (0, 0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+class Run:
+    """What every part of a run needs: its arguments, the device and precision (after start()), this
+    process's rank among torchrun's `world` processes, a log that only rank 0 prints, the stop
+    signals and TensorBoard (inside `with run:`)."""
 
+    def __init__(self, args):
+        self.args, self.started = args, time.perf_counter()
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.device, self.dtype, self.signum, self.tensorboard, self.handlers = None, None, None, None, {}
 
-def start_processes(args, local_rank, world):
-    """The device this process trains on; joins torchrun's process group when there is one."""
-    device = common.resolve_device(args.device)
-    if args.sync_bn and world > 1 and device.type != "cuda":
-        raise UserError("--sync-bn works only with CUDA GPUs (PyTorch's SyncBatchNorm); drop it on CPU")
-    if world > 1:
+    def start(self):
+        """Take the device (this process's GPU under torchrun) and join torchrun's process group."""
+        device = common.resolve_device(self.args.device)
+        if self.args.sync_bn and self.world > 1 and device.type != "cuda":
+            raise UserError("--sync-bn works only with CUDA GPUs (PyTorch's SyncBatchNorm); drop it on CPU")
+        if self.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
+            torch.backends.cudnn.benchmark = True
+        self.device, self.dtype = device, common.amp_dtype(device, self.args.amp)
+        return self
 
+    def log(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
 
-def all_reduce(tensor, world_size, op=None):
-    if world_size > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        if self.world > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor
 
+    def broadcast(self, value):
+        """rank 0's value, in every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
-def broadcast_value(value, world_size):
-    if world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    def __enter__(self):
+        """TensorBoard (rank 0, with --tensorboard), then the signal handlers: the first SIGINT or
+        SIGTERM only records itself; a second one stops at once."""
+        self.tensorboard = TensorBoard(self.args.tensorboard if self.rank == 0 else None)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.signum = self.signum or signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def stop_agreed(self, collective=True):
+        """Whether a signal asks to stop. Under torchrun the processes share what they got, in a
+        collective call that every process makes at the same points: where collective is true."""
+        if self.world == 1 or not collective:
+            return self.world == 1 and self.signum is not None
+        flag = self.all_reduce(torch.tensor([self.signum or 0], device=self.device), dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag) or None
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        self.tensorboard.close()
 
 
 class TensorBoard:
-    """A SummaryWriter when a folder is given (only the main process gets one), else nothing."""
+    """A SummaryWriter when a folder is given, else nothing."""
 
     def __init__(self, folder):
         self.writer = None
@@ -94,21 +130,17 @@ class TensorBoard:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(folder)
 
-    def __enter__(self):
-        return self
-
     def add(self, record):
-        if self.writer is not None:
-            for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-                self.writer.add_scalar(key, record[key], record["epoch"])
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr") if self.writer else ():
+            self.writer.add_scalar(key, record[key], record["epoch"])
 
-    def __exit__(self, *exc):
+    def close(self):
         if self.writer is not None:
             self.writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Setting up: arguments, data, model, peak LR
+# Setting up: arguments, data, model
 
 
 def validate(args, world_size=1):
@@ -133,144 +165,46 @@ def validate(args, world_size=1):
         raise UserError(f"{args.out} already holds a run; {advice}")
 
 
-def load_data(args, device, rank, world):
-    """Train and test images and labels on the device, cut to --limit-*; rank 0 downloads."""
-    if world > 1 and rank != 0:
-        dist.barrier()  # the others read the data only once rank 0 has downloaded it
-    train_x, train_y, classes = data.load_cifar10(args.data_dir, "train", download=args.download and rank == 0)
-    if world > 1 and rank == 0:
+def load_data(run):
+    """Train and test images and labels on the device, cut to --limit-*; rank 0 downloads while the
+    others wait."""
+    args = run.args
+    if run.rank != 0:
+        dist.barrier()
+    train_x, train_y, classes = data.load_cifar10(args.data_dir, "train", download=args.download and run.rank == 0)
+    if run.world > 1 and run.rank == 0:
         dist.barrier()
     test_x, test_y, _ = data.load_cifar10(args.data_dir, "test")
-    train_x, train_y = train_x[:args.limit_train].to(device), train_y[:args.limit_train].to(device)
-    test_x, test_y = test_x[:args.limit_test].to(device), test_y[:args.limit_test].to(device)
-    return train_x, train_y, test_x, test_y, classes
+    cut = [t[:args.limit_train] for t in (train_x, train_y)] + [t[:args.limit_test] for t in (test_x, test_y)]
+    return [t.to(run.device) for t in cut] + [classes]
 
 
-def build_model(args, num_classes, device, world):
+def build_model(run, num_classes):
     """ResNet18 on the device, channels_last, from the init stream; SyncBatchNorm with --sync-bn."""
-    torch.manual_seed(args.seed)  # the init stream
-    net = ResNet18(num_classes=num_classes).to(device, memory_format=torch.channels_last)
-    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if args.sync_bn and world > 1 else net
+    torch.manual_seed(run.args.seed)  # the init stream
+    net = ResNet18(num_classes=num_classes).to(run.device, memory_format=torch.channels_last)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if run.args.sync_bn and run.world > 1 else net
 
 
-def forwards(net, args, device, world):
+def forwards(run, net):
     """What trains (DDP-wrapped under torchrun) and what tests (rank 0's own weights), compiled
     with --compile."""
-    model = nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    if not args.compile:
+    model = net
+    if run.world > 1:
+        devices = [run.device.index] if run.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=devices)
+    if not run.args.compile:
         return model, net
-    return torch.compile(model, mode=args.compile_mode), torch.compile(net, mode=args.compile_mode)
-
-
-def pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world, log, base_lr, base_batch):
-    """(peak LR, range-test record or None): the checkpoint's on resume, the range test's with
-    'auto', --max-lr as given, or by default base_lr scaled linearly with the batch size (Goyal
-    et al. 2017): batch 128 starts from a quarter of batch 512's peak."""
-    if ckpt is not None:
-        return ckpt["max_lr"], ckpt.get("lr_range")
-    if args.max_lr is None:
-        max_lr = base_lr * args.batch_size / base_batch
-        log(f"Peak LR {max_lr:.4g} = {base_lr:g} x batch {args.batch_size} / {base_batch} (linear scaling; "
-            f"--max-lr sets it)")
-        return max_lr, None
-    if args.max_lr != "auto":
-        return args.max_lr, None
-    log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...", flush=True)
-    batches, augment = lr_range_inputs(train_x, train_y, args.batch_size // world, args.seed + rank,
-                                       not args.no_flip, args.cutout_p)
-    optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, args.bn_wd)
-    result = lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps, amp_dtype=dtype,
-                           transform=augment)
-    max_lr = broadcast_value(result.suggested_lr, world)
-    if rank == 0:
-        plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
-    log(f"LR range test suggests max LR {max_lr:.4g} (minimum loss at {result.min_loss_lr:.4g})")
-    return max_lr, result.to_dict()
+    return torch.compile(model, mode=run.args.compile_mode), torch.compile(net, mode=run.args.compile_mode)
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping on a signal
-
-
-class StopSignals:
-    """The first SIGINT or SIGTERM only records itself; a second one stops at once."""
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    def agreed(self, world, device, check=True):
-        """Whether to stop now. Under torchrun the processes share what they got (a collective
-        call: every process must make it at the same step, so only where check is true)."""
-        if world == 1 or not check:
-            return world == 1 and self.signum is not None
-        flag = all_reduce(torch.tensor([self.signum or 0], device=device), world, dist.ReduceOp.MAX)
-        self.signum = self.signum or int(flag) or None
-        return self.signum is not None
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-LOCATION_DEFAULTS = (("--data-dir", "data_dir", "./data"), ("--device", "device", "auto"))  # train.py's
-
-
-def resume_command(args, world=1):
-    """The command that continues this run: the checkpoint keeps the recipe, not where the data lives."""
-    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    command = launcher + ["train.py", "--resume", os.path.join(args.out, "last.pt")]
-    for flag, key, default in LOCATION_DEFAULTS:
-        if getattr(args, key) != default:
-            command += [flag, str(getattr(args, key))]
-    return shlex.join(command)
-
-
-def stop_now(state, stop, checkpoint, where):
-    """Rank 0 writes last.pt (every process has joined the checkpoint's gather), says how to go on;
-    every process then raises Stopped."""
-    if state.rank == 0:
-        state.save(["last.pt"], checkpoint)
-        name = "Interrupted" if stop.signum == signal.SIGINT else f"Stopped by {signal.Signals(stop.signum).name}"
-        print(f"\n{name} {where}; saved {os.path.join(state.args.out, 'last.pt')}.\n"
-              f"Resume with: {resume_command(state.args, state.world)}", flush=True)
-    if state.world > 1:
-        dist.barrier()
-    raise Stopped(stop.signum)
-
-
-def epoch_totals(stats, world):
-    """[summed loss, correct, images] of the epoch so far, all processes' together."""
-    sums = stats["sums"]
-    return all_reduce(torch.cat([sums, sums.new_tensor([stats["seen"]])]), world).tolist()
-
-
-def stop_mid_epoch(state, stop, stats, next_step):
-    """Keep where the epoch stopped and its sums so far (all processes' together) in last.pt, then stop."""
-    state.step, state.partial = next_step, epoch_totals(stats, state.world) + [stats["seconds"]]
-    stop_now(state, stop, state.checkpoint(), f"at epoch {state.epoch + 1}, step {state.step}/{state.steps}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The state last.pt keeps, and resuming from it
+# The state last.pt keeps, resuming from it, and stopping
 
 
 def run_files(folder):
     """The folder's files, less the temp files a killed save leaves behind."""
-    if not os.path.isdir(folder):
-        return []
-    return [name for name in os.listdir(folder) if not common.TEMP_FILE.match(name)]
+    return [name for name in os.listdir(folder) if not common.TEMP_FILE.match(name)] if os.path.isdir(folder) else []
 
 
 def restored_args(args, world=1):
@@ -287,7 +221,7 @@ def restored_args(args, world=1):
     saved["out"] = os.path.dirname(os.path.abspath(args.resume))
     restored = argparse.Namespace(**{**vars(args), **saved})
     if ckpt["epoch"] >= restored.epochs:
-        return restored, ckpt  # a finished run: nothing to check, train() says so
+        return restored, ckpt  # a finished run: nothing to check, train.run() says so
     if len(ckpt["aug_generator"]) != world:
         raise UserError(f"{args.resume} was saved by {len(ckpt['aug_generator'])} process(es); resume it "
                         f"with the same number (torchrun --nproc_per_node)")
@@ -301,67 +235,69 @@ def restored_args(args, world=1):
     return restored, ckpt
 
 
+def resume_command(run):
+    """The command that continues this run: the checkpoint keeps the recipe, not where the data lives."""
+    args = run.args
+    launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
+    command = launcher + ["train.py", "--resume", os.path.join(args.out, "last.pt")]
+    for flag, value, default in (("--data-dir", args.data_dir, "./data"), ("--device", args.device, "auto")):
+        command += [flag, str(value)] if value != default else []
+    return shlex.join(command)
+
+
 class TrainState:
     """Everything a run needs to continue exactly: weights, optimizer, OneCycle schedule, scaler,
-    each process's augmentation generator, where the run stands, and its history. Written to a
-    checkpoint by checkpoint() and loaded by restore()."""
+    each process's augmentation generator, where the run stands, and its history. checkpoint()
+    writes it down; restore() reads it back."""
 
-    def __init__(self, args, net, optimizer, scheduler, scaler, max_lr, lr_range, classes, steps, rank, world):
-        device = next(net.parameters()).device
-        self.args, self.net, self.max_lr, self.lr_range, self.classes = args, net, max_lr, lr_range, list(classes)
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.steps, self.rank, self.world = steps, rank, world
-        self.aug_generator = data.device_generator(device, args.seed * 1000 + rank)
+    def __init__(self, run, net, optimizer, scheduler, scaler, max_lr, lr_range=None, classes=data.CLASSES):
+        self.run, self.net, self.optimizer, self.scheduler, self.scaler = run, net, optimizer, scheduler, scaler
+        self.max_lr, self.lr_range, self.classes = max_lr, lr_range, list(classes)
+        self.steps = scheduler.total_steps // run.args.epochs  # per epoch
+        self.aug_generator = data.device_generator(run.device, run.args.seed * 1000 + run.rank)
         self.epoch, self.step = 0, 0  # the next step to take
         self.partial = None  # an epoch stopped midway: [loss sum, correct, images] of all processes, seconds
         self.history, self.best_acc = [], -1.0
         self.saved_epoch = None  # the epoch in the last last.pt this run wrote or resumed from
-        # this process's clock, not saved: when train() started here, and the warm-up's seconds
-        self.started, self.warmup_seconds = time.perf_counter(), 0.0
+        self.warmup_seconds = 0.0
 
     def checkpoint(self):
+        """The state as a dict; a collective call under torchrun (it gathers every process's generator)."""
         states = [self.aug_generator.get_state().cpu()]
-        if self.world > 1:
-            states = [None] * self.world
+        if self.run.world > 1:
+            states = [None] * self.run.world
             dist.all_gather_object(states, self.aug_generator.get_state().cpu())
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "aug_generator": states, "epoch": self.epoch, "step": self.step, "partial": self.partial,
                 "history": self.history, "best_acc": self.best_acc, "max_lr": self.max_lr,
                 "lr_range": self.lr_range, "arch": "ResNet18", "classes": self.classes,
-                "mean": list(data.MEAN), "std": list(data.STD), "args": vars(self.args)}
+                "mean": list(data.MEAN), "std": list(data.STD), "args": vars(self.run.args)}
 
     def restore(self, ckpt):
-        self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.aug_generator.set_state(ckpt["aug_generator"][self.rank])
-        self.epoch, self.step, self.saved_epoch = ckpt["epoch"], ckpt["step"], ckpt["epoch"]
-        self.history, self.best_acc = ckpt["history"], ckpt["best_acc"]
-        partial = ckpt.get("partial")
-        # checkpoints saved before the seconds were kept have three entries; that time is lost
-        self.partial = (list(partial) + [0.0])[:4] if partial else None
-
-    def resume(self, ckpt, log, device, dtype):
-        """Continue from a checkpoint (None: a new run) and say where."""
+        """Continue from a checkpoint (None: a new run), and say where."""
         if ckpt is None:
             return
-        self.restore(ckpt)
-        log(f"Resuming {self.args.out} at epoch {self.epoch + 1}, step {self.step}")
-        if self.rank == 0:
-            write_metrics(self, device, dtype)  # a kill between last.pt and metrics.json must not part them
+        for part in ("net", "optimizer", "scheduler", "scaler"):
+            getattr(self, part).load_state_dict(ckpt["model" if part == "net" else part])
+        self.aug_generator.set_state(ckpt["aug_generator"][self.run.rank])
+        self.epoch, self.step, self.saved_epoch = ckpt["epoch"], ckpt["step"], ckpt["epoch"]
+        self.history, self.best_acc = ckpt["history"], ckpt["best_acc"]
+        # checkpoints saved before the seconds were kept have three entries; that time is lost
+        self.partial = (list(ckpt["partial"]) + [0.0])[:4] if ckpt.get("partial") else None
+        self.run.log(f"Resuming {self.run.args.out} at epoch {self.epoch + 1}, step {self.step}")
+        if self.run.rank == 0:
+            write_metrics(self)  # a kill between last.pt and metrics.json must not part them
 
-    def save(self, names, checkpoint=None):
-        """Write one checkpoint (made once) to each of names in the run folder, atomically. A full
-        disk stops the run in one sentence; the files saved before stay whole."""
-        checkpoint = checkpoint or self.checkpoint()
+    def save(self, names, checkpoint):
+        """Write one checkpoint to each of names in the run folder, atomically. A full disk stops
+        the run in one sentence; the files saved before stay whole."""
         try:
             for name in names:
-                common.save_atomic(os.path.join(self.args.out, name), lambda f: torch.save(checkpoint, f))
+                common.save_atomic(os.path.join(self.run.args.out, name), lambda f: torch.save(checkpoint, f))
         except common.DiskFull as e:
-            kept = (f"last.pt of epoch {self.saved_epoch} is intact: resume with "
-                    f"{resume_command(self.args, self.world)}" if self.saved_epoch else "no checkpoint was kept")
+            kept = (f"last.pt of epoch {self.saved_epoch} is intact: resume with {resume_command(self.run)}"
+                    if self.saved_epoch else "no checkpoint was kept")
             raise common.DiskFull(f"{e}: a checkpoint needs about 89 MB, and room for one more while it is "
                                   f"written; {kept}") from None
         if "last.pt" in names:
@@ -370,116 +306,111 @@ class TrainState:
     def kept(self):
         """What the run folder holds that this run wrote or resumed from, in words."""
         if self.saved_epoch is None:
-            return f"no checkpoint of this run was saved in {self.args.out}"
-        last = os.path.join(self.args.out, "last.pt")
+            return f"no checkpoint of this run was saved in {self.run.args.out}"
+        last = os.path.join(self.run.args.out, "last.pt")
         return f"the last good checkpoint, epoch {self.saved_epoch}, is kept in {last}"
+
+    def stop(self, where, stats=None):
+        """Stop on a signal, every process at once. Mid-epoch (stats given), where the epoch stands
+        and its sums so far go into a new last.pt; after an epoch, its last.pt is already saved.
+        Rank 0 says how to go on; every process raises Stopped."""
+        if stats is not None:
+            self.step, self.partial = stats["next_step"], epoch_totals(self.run, stats) + [stats["seconds"]]
+            checkpoint = self.checkpoint()  # every process joins its gather
+            if self.run.rank == 0:
+                self.save(["last.pt"], checkpoint)
+        signum = self.run.signum
+        if self.run.rank == 0:
+            name = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
+            print(f"\n{name} {where}; saved {os.path.join(self.run.args.out, 'last.pt')}.\n"
+                  f"Resume with: {resume_command(self.run)}", flush=True)
+        if self.run.world > 1:
+            dist.barrier()
+        raise Stopped(signum)
+
+
+def epoch_totals(run, stats):
+    """[summed loss, correct, images] of the epoch so far, all processes' together."""
+    sums = stats["sums"]
+    return run.all_reduce(torch.cat([sums, sums.new_tensor([stats["seen"]])])).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
 # During an epoch
 
 
-def header(state, device, dtype, n_train, n_test):
+def header(state, n_train, n_test):
     """The run's first line: where it runs, in which precision, on what, with which schedule."""
-    args, world = state.args, state.world
-    return (f"ResNet18 on {device} ({common.precision_name(dtype)}, channels_last{', compiled' * args.compile}"
-            f"{f', {world} processes' if world > 1 else ''}); {n_train:,} train / {n_test:,} test images; "
-            f"{args.optimizer} OneCycle max LR {state.max_lr:.4g}, batch {args.batch_size}, "
+    run, args = state.run, state.run.args
+    return (f"ResNet18 on {run.device} ({common.precision_name(run.dtype)}, channels_last"
+            f"{', compiled' * args.compile}{f', {run.world} processes' if run.world > 1 else ''}); {n_train:,} train "
+            f"/ {n_test:,} test images; {args.optimizer} OneCycle max LR {state.max_lr:.4g}, batch {args.batch_size}, "
             f"{args.epochs} epoch{'s' * (args.epochs != 1)}")
-
-
-def share_bn_statistics(state):
-    """Under torchrun each process keeps its own BatchNorm statistics (DDP syncs them only at the
-    next forward): every process tests, and rank 0 saves, rank 0's."""
-    if state.world > 1:
-        for buffer in state.net.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def check_test_loss(state, result):
-    """A non-finite test loss is a diverged run too: stop before it is saved as best.pt."""
-    if not math.isfinite(result["loss"]):
-        raise NonFiniteLoss(f"the test loss became non-finite after epoch {state.epoch + 1}; {state.kept()}. "
-                            f"Try a lower --max-lr (this run used {state.max_lr:.4g}).")
 
 
 class StepWatch:
     """Called after every training step: shows progress, checks the loss stays finite (a host sync,
-    so only at progress lines on a GPU), and says whether to stop (a signal came). Its summary()
-    adds what the epoch did before a stop that the run resumed from."""
+    so only at progress lines on a GPU), and says whether to stop (a signal came). Progress is one
+    line per epoch: '\\r'-updated on a terminal, updated in place in a notebook (a saved notebook
+    keeps one line per epoch), a few plain lines in a log file."""
 
-    def __init__(self, state, stop, device):
-        self.state, self.stop, self.device = state, stop, device
-        self.progress = Progress(state.epoch + 1, state.args.epochs, state.steps, state.rank == 0)
-        self.first, self.started, self.finite = state.step, time.perf_counter(), []
+    def __init__(self, state):
+        self.state, self.run = state, state.run
+        self.first, self.started, self.finite, self.handle = state.step, time.perf_counter(), [], None
         self.lr = state.scheduler.get_last_lr()[0]  # the LR the next step uses
-        self.last_lr, self.next_step, self.stopped = self.lr, state.steps, False
+        self.last_lr, self.next_step = self.lr, state.steps
+        self.tty = sys.stdout.isatty()
+        self.notebook = not self.tty and "ipykernel" in sys.modules
+        self.every = max(1, state.steps // (50 if self.tty or self.notebook else 10))
 
     def __call__(self, i, loss, sums, seen):
-        step, lr = self.first + i, self.lr
-        self.lr = self.state.scheduler.get_last_lr()[0]
+        step, self.last_lr, self.lr = self.first + i, self.lr, self.state.scheduler.get_last_lr()[0]
         self.finite.append(torch.isfinite(loss))
-        due = self.progress.due(step)
-        stopping = self.stop.agreed(self.state.world, self.device, (step + 1) % STOP_CHECK_EVERY == 0)
-        if due or stopping or self.device.type == "cpu":
+        due = self.run.rank == 0 and ((step + 1) % self.every == 0 or step + 1 == self.state.steps)
+        stopping = self.run.stop_agreed(collective=(step + 1) % STOP_CHECK_EVERY == 0)
+        if due or stopping or self.run.device.type == "cpu":
             self.check_finite(step)
         if due:
             loss_sum, correct = sums.tolist()
-            rate = seen * self.state.world / (time.perf_counter() - self.started)
-            self.progress.show(step, loss_sum / seen, lr, 100 * correct / seen, rate)
+            rate = seen * self.run.world / (time.perf_counter() - self.started)
+            self.show(step, loss_sum / seen, 100 * correct / seen, rate)
         if stopping and step + 1 < self.state.steps:
-            self.next_step, self.stopped = step + 1, True
-        self.last_lr = lr
-        return self.stopped
+            self.next_step = step + 1
+        return self.next_step < self.state.steps
 
     def check_finite(self, step):
         """Raise NonFiniteLoss naming the first non-finite step among those since the last check."""
         flags = torch.stack(self.finite)
+        self.finite.clear()
         if not bool(flags.all()):
-            bad = step - len(self.finite) + 1 + int((~flags).nonzero()[0])
+            bad = step - len(flags) + 1 + int((~flags).nonzero()[0])
             raise NonFiniteLoss(f"the training loss became non-finite at epoch {self.state.epoch + 1}, step "
                                 f"{bad + 1}; {self.state.kept()}. Try a lower --max-lr (this run used "
                                 f"{self.state.max_lr:.4g}).")
-        self.finite.clear()
+
+    def show(self, step, loss, acc, rate):
+        line = (f"Epoch {self.state.epoch + 1}/{self.run.args.epochs}  step {step + 1}/{self.state.steps}  "
+                f"loss {loss:.4f}  lr {self.last_lr:.5f}  acc {acc:.2f}%  {rate:,.0f} img/s")
+        if self.tty:
+            print("\r" + line, end="\n" if step + 1 == self.state.steps else "", flush=True)
+        elif not self.notebook:
+            print(line, flush=True)
+        elif self.handle is None:
+            from IPython.display import display
+            self.handle = display({"text/plain": line}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": line}, raw=True)
 
     def summary(self, sums, seen):
-        """The epoch's sums, images and seconds, with those of the part before a resume."""
-        loss_sum, correct, earlier, seconds = self.state.partial or (0.0, 0.0, 0, 0.0)
-        if self.state.rank != 0:  # the sums before the stop are all processes' together: rank 0 adds them
-            loss_sum, correct, earlier = 0.0, 0.0, 0
-        sums = sums + torch.tensor([loss_sum, correct], device=sums.device)
+        """The epoch's sums, images and seconds, with those of the part before a resume (counted by
+        rank 0: they are all processes' together)."""
+        partial = self.state.partial or [0.0, 0.0, 0, 0.0]
+        loss_sum, correct, earlier = partial[:3] if self.run.rank == 0 else (0.0, 0.0, 0)
+        seconds = partial[3]
         elapsed = time.perf_counter() - self.started
-        return {"sums": sums, "seen": earlier + seen, "seconds": seconds + elapsed,
-                "started": self.started - seconds, "lr": self.last_lr, "stopped": self.stopped}
-
-
-class Progress:
-    """One live line per epoch: '\\r'-updated on a terminal, updated in place in a notebook (so a
-    saved notebook keeps one line per epoch), a few plain lines in a log file."""
-
-    def __init__(self, epoch, epochs, steps, enabled=True):
-        self.prefix, self.steps, self.enabled = f"Epoch {epoch}/{epochs}", steps, enabled
-        self.tty = sys.stdout.isatty()
-        self.notebook = not self.tty and "ipykernel" in sys.modules
-        self.every = max(1, steps // 10) if not (self.tty or self.notebook) else max(1, steps // 50)
-        self.handle = None  # the notebook's display of this epoch's line
-
-    def due(self, step):
-        return self.enabled and ((step + 1) % self.every == 0 or step + 1 == self.steps)
-
-    def show(self, step, loss, lr, acc, rate):
-        line = (f"{self.prefix}  step {step + 1}/{self.steps}  loss {loss:.4f}  lr {lr:.5f}  "
-                f"acc {acc:.2f}%  {rate:,.0f} img/s")
-        if self.tty:
-            print("\r" + line, end="\n" if step + 1 == self.steps else "", flush=True)
-        elif self.notebook:
-            from IPython.display import display
-            if self.handle is None:
-                self.handle = display({"text/plain": line}, raw=True, display_id=True)
-            else:
-                self.handle.update({"text/plain": line}, raw=True)
-        else:
-            print(line, flush=True)
+        return {"sums": sums + torch.tensor([loss_sum, correct], device=sums.device), "seen": earlier + seen,
+                "seconds": seconds + elapsed, "started": self.started - seconds, "lr": self.last_lr,
+                "next_step": self.next_step}
 
 
 def warm_up(train_steps, test, state, steps=3):
@@ -487,41 +418,27 @@ def warm_up(train_steps, test, state, steps=3):
     cuDNN's autotuning (and torch.compile) happen before the clock starts. train_steps(n) and
     test() are the run's own, on a generator of their own. Returns the seconds."""
     start = time.perf_counter()
-    restored = [state.net, state.optimizer, state.scheduler, state.scaler]
-    saved = copy.deepcopy([part.state_dict() for part in restored])
+    parts = [state.net, state.optimizer, state.scheduler, state.scaler]
+    saved = copy.deepcopy([part.state_dict() for part in parts])
     train_steps(steps)
     test()
-    for part, part_state in zip(restored, saved):
+    for part, part_state in zip(parts, saved):
         part.load_state_dict(part_state)
     state.optimizer.zero_grad(set_to_none=True)
-    device = next(state.net.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if state.run.device.type == "cuda":
+        torch.cuda.synchronize(state.run.device)
     return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------
-# The run's records: metrics.json, curves.png
+# After an epoch: the record, the checkpoints, metrics.json, curves.png
 
 
-def write_metrics(state, device, dtype, last_result=None):
-    """metrics.json: the run's settings and every epoch; test_acc is a single view of each test
-    image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta)."""
-    history = state.history
-    best = max(history, key=lambda h: h["test_acc"]) if history else None
-    per_class = {key: dict(zip(state.classes, last_result[key])) if last_result and key in last_result else None
-                 for key in ("per_class", "per_class_tta")}
-    common.save_json(os.path.join(state.args.out, "metrics.json"), {
-        "dataset": "CIFAR-10", "device": str(device), "device_name": common.device_name(device),
-        "precision": common.precision_name(dtype), "world_size": state.world, "torch": torch.__version__,
-        "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(state.args),
-        "epochs": history, "best_epoch": best and best["epoch"], "best_test_acc": best and best["test_acc"],
-        "final_test_acc": history[-1]["test_acc"] if history else None,
-        "final_test_acc_tta": history[-1].get("test_acc_tta") if history else None,
-        "train_seconds": sum(h["train_seconds"] for h in history),
-        "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - state.started,
-        "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],
-    })
+def check_test_loss(state, result):
+    """A non-finite test loss is a diverged run too: stop before it is saved as best.pt."""
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteLoss(f"the test loss became non-finite after epoch {state.epoch + 1}; {state.kept()}. "
+                            f"Try a lower --max-lr (this run used {state.max_lr:.4g}).")
 
 
 def test_line(result):
@@ -532,9 +449,9 @@ def test_line(result):
     return line + "\n"
 
 
-def end_epoch(state, stats, result, device, dtype, tb):
+def end_epoch(state, stats, result):
     """Record the epoch in the history, then save best.pt, last.pt, metrics.json (rank 0)."""
-    loss_sum, correct, seen = epoch_totals(stats, state.world)
+    loss_sum, correct, seen = epoch_totals(state.run, stats)
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
                           "test_acc_tta": result.get("accuracy_tta"), "lr": stats["lr"],
@@ -544,25 +461,45 @@ def end_epoch(state, stats, result, device, dtype, tb):
     state.best_acc = max(state.best_acc, result["accuracy"])
     state.epoch, state.step, state.partial = state.epoch + 1, 0, None
     checkpoint = state.checkpoint()  # every process joins the gather of the generators
-    if state.rank != 0:
+    if state.run.rank != 0:
         return
-    state.save((["best.pt"] if improved else []) + ["last.pt"], checkpoint)
-    last = state.epoch == state.args.epochs
-    write_metrics(state, device, dtype, result if last else None)
-    tb.add(state.history[-1])
+    state.save(["best.pt"] * improved + ["last.pt"], checkpoint)
+    last = state.epoch == state.run.args.epochs
+    write_metrics(state, result if last else None)
+    state.run.tensorboard.add(state.history[-1])
     if last:
         print("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(state.classes,
                                                                                        result["per_class"])))
 
 
-def finish(state, log):
-    history = state.history
-    plot_curves(history, os.path.join(state.args.out, "curves.png"), state.args.label_smoothing)
+def write_metrics(state, last_result=None):
+    """metrics.json: the run's settings and every epoch; test_acc is a single view of each test
+    image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta)."""
+    run, history, last = state.run, state.history, state.history[-1] if state.history else {}
+    best = max(history, key=lambda h: h["test_acc"]) if history else {}
+    per_class = {key: dict(zip(state.classes, (last_result or {})[key])) if key in (last_result or {}) else None
+                 for key in ("per_class", "per_class_tta")}
+    common.save_json(os.path.join(run.args.out, "metrics.json"), {
+        "dataset": "CIFAR-10", "device": str(run.device), "device_name": common.device_name(run.device),
+        "precision": common.precision_name(run.dtype), "world_size": run.world, "torch": torch.__version__,
+        "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(run.args), "epochs": history,
+        "best_epoch": best.get("epoch"), "best_test_acc": best.get("test_acc"),
+        "final_test_acc": last.get("test_acc"), "final_test_acc_tta": last.get("test_acc_tta"),
+        "train_seconds": sum(h["train_seconds"] for h in history),
+        "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - run.started,
+        "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],
+    })
+
+
+def finish(state):
+    """curves.png and the run's last line (rank 0)."""
+    history, out = state.history, state.run.args.out
+    plot_curves(history, os.path.join(out, "curves.png"), state.run.args.label_smoothing)
     best = max(history, key=lambda h: h["test_acc"])
     final = history[-1].get("test_acc_tta")
-    log(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}"
-        f"{f' (final, with flip TTA: {final:.2f}%)' if final is not None else ''}; "
-        f"{sum(h['train_seconds'] for h in history):.1f} s of training. Outputs in {state.args.out}")
+    print(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}"
+          f"{f' (final, with flip TTA: {final:.2f}%)' if final is not None else ''}; "
+          f"{sum(h['train_seconds'] for h in history):.1f} s of training. Outputs in {out}")
 
 
 def plot_curves(history, path=None, label_smoothing=0.0):

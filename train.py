@@ -34,12 +34,13 @@ import torch.nn.functional as F
 
 import common
 import data
+import lr_range
 import plumbing
 from common import UserError
 
-# The peak LR at batch 512: 0.4 beat 0.2 by 0.33 points at epoch 20 (4 and 3 seeds on an H200,
-# results/gpu/h200-2026-11-30); other batches scale it linearly.
-BASE_LR, BASE_BATCH = 0.4, 512
+# OneCycle's peak LR at batch 512 for each optimizer, as measured (README, Results); other batch
+# sizes scale it linearly.
+BASE_LR, BASE_BATCH = {"sgd": 0.4, "adam": 0.027}, 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def train_step(model, x, y, criterion, optimizer, scaler, scheduler, amp_dtype=N
     """One optimizer step on one augmented batch in mixed precision (amp_dtype torch.bfloat16, or
     torch.float16 with an enabled GradScaler; None trains in fp32). Returns the loss (detached, fp32)
     and the logits."""
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(x.device, amp_dtype):
         logits = model(x)
         loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)
@@ -61,17 +62,18 @@ def train_step(model, x, y, criterion, optimizer, scaler, scheduler, amp_dtype=N
     return loss.detach().float(), logits.detach()
 
 
-def epoch_batches(images, labels, args, epoch, generator, start=0, rank=0, world=1):
+def epoch_batches(images, labels, *, batch_size, epoch, generator, seed=0, use_flip=True, cutout_p=0.5,
+                  alternate_flip=False, start=0, rank=0, world=1):
     """Epoch `epoch`'s augmented batches (x channels_last, y) of uint8 images on the device, from
-    batch `start` on: shuffled by a generator seeded from the seed and epoch alone, whole batches
-    only, each process taking its part of every batch under torchrun. Reads args.batch_size, seed,
-    no_flip, alternate_flip and cutout_p."""
-    order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    flips = data.alternating_flips(len(images), args.seed, epoch, images.device) if args.alternate_flip else None
-    for idx in data.batch_indices(len(images), args.batch_size, True, order, True, rank, world, start=start,
-                                  device=images.device):
-        x = data.train_transform(images[idx], generator, not args.no_flip, args.cutout_p,
-                                 None if flips is None else flips[idx])
+    batch `start` on: shuffled by a generator seeded from `seed` and the epoch alone, whole batches
+    only, each process taking its part of every batch under torchrun. The augmentation draws from
+    `generator` (on the images' device); alternate_flip mirrors each image every other epoch."""
+    order = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    flips = data.alternating_flips(len(images), seed, epoch, images.device) if alternate_flip else None
+    for idx in data.batch_indices(len(images), batch_size, shuffle=True, generator=order, drop_last=True, rank=rank,
+                                  world_size=world, start=start, device=images.device):
+        x = data.train_transform(images[idx], generator, use_flip=use_flip, cutout_p=cutout_p,
+                                 flip_mask=None if flips is None else flips[idx])
         yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
@@ -91,7 +93,7 @@ def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dty
 
 
 @torch.no_grad()
-def test_sums(model, images, labels, batch_size=1024, amp_dtype=None, tta=True, pad=False, num_classes=10):
+def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, pad=False, num_classes=10):
     """Per class, over uint8 test images: summed cross-entropy, correct predictions of one view,
     correct predictions with flip TTA (the mean of the logits of the image and of its mirror, both
     in one forward), and images. With pad a short last batch is padded to batch_size, so cuDNN
@@ -104,7 +106,7 @@ def test_sums(model, images, labels, batch_size=1024, amp_dtype=None, tta=True, 
         if pad:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - len(x)))
         views = torch.cat([x, x.flip(-1)]) if tta else x
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(x.device, amp_dtype):
             logits = model(views.contiguous(memory_format=torch.channels_last)).float()
         one, mirrored = logits.chunk(2) if tta else (logits, logits)
         one, mirrored = one[:len(y)], mirrored[:len(y)]
@@ -128,9 +130,15 @@ def test_result(sums, tta=True):
     return result
 
 
-def evaluate(model, images, labels, batch_size=1024, amp_dtype=None, tta=True, pad=False):
+def evaluate(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, pad=False):
     """Test loss and accuracy of a model on uint8 images and their labels, in one process."""
-    return test_result(test_sums(model, images, labels, batch_size, amp_dtype, tta, pad), tta)
+    return test_result(test_sums(model, images, labels, batch_size=batch_size, amp_dtype=amp_dtype, tta=tta, pad=pad),
+                       tta)
+
+
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype, or a no-op context for fp32 (None)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def one_cycle(optimizer, max_lr, total_steps, pct_start=0.25):
@@ -148,14 +156,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     common.resolve_device(args.device, parser)
-    rank, _, world = plumbing.distributed_env()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if not args.resume:
         try:
             plumbing.validate(args, world)
         except UserError as e:
             parser.error(str(e))
     try:
-        return run(args)
+        return start(args)
     except (UserError, data.DataError) as e:
         if rank == 0:
             print(f"\nerror: {e}", file=sys.stderr)
@@ -174,26 +182,25 @@ def fit(**overrides):
         if not hasattr(args, key):
             raise TypeError(f"fit() got an unknown option {key!r}")
         setattr(args, key, value)
-    return run(args)
+    return start(args)
 
 
-def run(args):
-    """Train with parsed arguments; returns the history (a list of per-epoch dicts)."""
-    rank, local_rank, world = plumbing.distributed_env()
+def start(args):
+    """Train with parsed arguments (or resume the run they name); returns the history (a list of
+    per-epoch dicts)."""
+    run = plumbing.Run(args)
     ckpt = None
     if args.resume:
-        args, ckpt = plumbing.restored_args(args, world)
-        if ckpt["epoch"] >= args.epochs:
-            if rank == 0:
-                print(f"{args.resume} is a finished run ({ckpt['epoch']} of {args.epochs} epochs): nothing to "
-                      f"resume and nothing changed. To train longer, start a new run with a larger --epochs.")
+        run.args, ckpt = plumbing.restored_args(args, run.world)
+        if ckpt["epoch"] >= run.args.epochs:
+            run.log(f"{args.resume} is a finished run ({ckpt['epoch']} of {run.args.epochs} epochs): nothing to "
+                    f"resume and nothing changed. To train longer, start a new run with a larger --epochs.")
             return ckpt["history"]
-    plumbing.validate(args, world)
-    device = plumbing.start_processes(args, local_rank, world)
+    plumbing.validate(run.args, run.world)
     try:
-        return train(args, ckpt, device, rank, world)
+        return train(run.start(), ckpt)
     finally:
-        if world > 1 and dist.is_initialized():
+        if run.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -219,8 +226,8 @@ def build_parser():
     add("--optimizer", choices=["sgd", "adam"], default="sgd",
         help="sgd (Nesterov) or adam; OneCycle cycles momentum or beta1 between 0.95 and 0.85 (default sgd)")
     add("--max-lr", type=max_lr_value, default=None,
-        help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default {BASE_LR:g} x batch size / "
-             f"{BASE_BATCH}, the linear scaling rule)")
+        help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default: sgd {BASE_LR['sgd']:g}, adam "
+             f"{BASE_LR['adam']:g}, x batch size / {BASE_BATCH}, the linear scaling rule)")
     add("--lr-range-steps", type=common.int_at_least(2), default=100, help="steps of --max-lr auto's test (100)")
     add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
     add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
@@ -236,8 +243,7 @@ def build_parser():
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: bf16 on GPUs from compute capability 8.0 and on CPUs with bf16 units, fp16 + "
              "GradScaler on older GPUs (T4, V100); --no-amp: fp32")
-    add("--compile", action="store_true",
-        help="torch.compile the model (off: mode 'default' trained slower than eager on the H100 and H200)")
+    add("--compile", action="store_true", help="torch.compile the model (off by default: README, Results, says when it pays)")
     add("--compile-mode", choices=common.COMPILE_MODES, default="default", help="torch.compile's mode")
     add("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
     add("--limit-train", type=common.positive_int, default=None, help="train on the first N images only")
@@ -250,84 +256,121 @@ def build_parser():
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: one epoch after another
 
 
-def train(args, ckpt, device, rank, world):
+def train(run, ckpt):
     """Load the data, build the model, pick the peak LR, then train, test and save each epoch."""
-    started, log = time.perf_counter(), print if rank == 0 else (lambda *a, **k: None)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out = args.out or plumbing.broadcast_value(os.path.join("runs", stamp), world)
-    with common.FolderLock(args.out, log, rank == 0), plumbing.StopSignals() as stop, \
-            plumbing.TensorBoard(args.tensorboard if rank == 0 else None) as tb:
-        train_x, train_y, test_x, test_y, classes = plumbing.load_data(args, device, rank, world)
-        dtype = common.amp_dtype(device, args.amp)
-        net = plumbing.build_model(args, len(classes), device, world)
+    args = run.args
+    args.out = args.out or run.broadcast(os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    with common.FolderLock(args.out, run.log, enabled=run.rank == 0), run:
+        train_x, train_y, test_x, test_y, classes = plumbing.load_data(run)
+        net = plumbing.build_model(run, len(classes))
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        max_lr, lr_range = plumbing.pick_max_lr(args, ckpt, net, criterion, train_x, train_y, dtype, rank, world, log,
-                                                BASE_LR, BASE_BATCH)
-        state = new_state(args, net, max_lr, lr_range, classes, len(train_x) // args.batch_size, dtype, rank, world)
-        state.started = started
-        state.resume(ckpt, log, device, dtype)
-        model, test_model = plumbing.forwards(net, args, device, world)
-        log(plumbing.header(state, device, dtype, len(train_x), len(test_x)))
+        max_lr, lr_range = pick_max_lr(run, ckpt, net, criterion, train_x, train_y)
+        state = new_state(run, net, max_lr, lr_range, classes)
+        state.restore(ckpt)
+        model, test_model = plumbing.forwards(run, net)
+        run.log(plumbing.header(state, len(train_x), len(test_x)))
 
         def test():
-            return run_test(test_model, test_x, test_y, args, dtype, rank, world)
+            return run_test(run, test_model, test_x, test_y)
 
-        if device.type == "cuda" or args.compile:
-            warm_batches = epoch_batches(train_x, train_y, args, 0, data.device_generator(device, 0), 0, rank, world)
+        def batches(epoch, generator, start=0):
+            return epoch_batches(train_x, train_y, epoch=epoch, generator=generator, start=start, rank=run.rank,
+                                 world=run.world, **batching(args))
+
+        if run.device.type == "cuda" or args.compile:
+            warm = batches(0, data.device_generator(run.device, 0))
             state.warmup_seconds = plumbing.warm_up(lambda n: train_epoch(
-                model, itertools.islice(warm_batches, n), criterion, state.optimizer, state.scaler, state.scheduler,
-                dtype), test, state)
-            what = ", ".join(["cuDNN autotuning"] * (device.type == "cuda") + ["compilation"] * args.compile)
-            log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
+                model, itertools.islice(warm, n), criterion, state.optimizer, state.scaler, state.scheduler,
+                run.dtype), test, state)
+            what = ", ".join(["cuDNN autotuning"] * (run.device.type == "cuda") + ["compilation"] * args.compile)
+            run.log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
         for _ in range(state.epoch, args.epochs):
-            run_epoch(state, model, criterion, train_x, train_y, test, dtype, stop, tb, log)
-        if rank == 0:
-            plumbing.finish(state, log)
-        if world > 1:
+            run_epoch(state, model, criterion, batches(state.epoch, state.aug_generator, state.step), test)
+        if run.rank == 0:
+            plumbing.finish(state)
+        if run.world > 1:
             dist.barrier()  # the others wait while rank 0 writes, then all leave the group together
     return state.history
 
 
-def run_epoch(state, model, criterion, train_x, train_y, test, dtype, stop, tb, log):
-    """Train epoch state.epoch (from state.step, after a resume), test, record and save it; stop
-    and save on a signal; refuse to go on or save once the train or test loss is not finite."""
-    args, device = state.args, train_x.device
-    watch = plumbing.StepWatch(state, stop, device)
-    batches = epoch_batches(train_x, train_y, args, state.epoch, state.aug_generator, state.step, state.rank,
-                            state.world)
-    sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler, dtype, watch)
+def run_epoch(state, model, criterion, batches, test):
+    """Train epoch state.epoch on its batches (from state.step, after a resume), test, record and
+    save it. A signal stops the run mid-epoch or after the epoch (every process at the same point),
+    saving first; a train or test loss that is not finite stops it before saving."""
+    run, watch = state.run, plumbing.StepWatch(state)
+    sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler, run.dtype,
+                             after_step=watch)
     stats = watch.summary(sums, seen)
-    if stats["stopped"]:
-        plumbing.stop_mid_epoch(state, stop, stats, watch.next_step)
-    plumbing.share_bn_statistics(state)
+    if stats["next_step"] < state.steps:
+        state.stop(f"at epoch {state.epoch + 1}, step {stats['next_step']}/{state.steps}", stats)
+    if run.world > 1:  # each process's BatchNorm statistics are its own: all test, and rank 0 saves, rank 0's
+        for buffer in state.net.buffers():
+            dist.broadcast(buffer, 0)
     result = test()
     plumbing.check_test_loss(state, result)
-    log(plumbing.test_line(result), flush=True)
-    plumbing.end_epoch(state, stats, result, device, dtype, tb)
-    if state.epoch < args.epochs and stop.agreed(state.world, device):  # a finished run just finishes
-        plumbing.stop_now(state, stop, None, f"after epoch {state.epoch}")
+    run.log(plumbing.test_line(result), flush=True)
+    plumbing.end_epoch(state, stats, result)
+    if state.epoch < run.args.epochs and run.stop_agreed():  # a finished run just finishes
+        state.stop(f"after epoch {state.epoch}")
 
 
-def run_test(model, test_x, test_y, args, dtype, rank, world):
+def run_test(run, model, test_x, test_y):
     """The run's test pass: each process scores its share of the test set, in batches of one
     shape on CUDA; the sums are all-reduced."""
-    share = -(-args.eval_batch_size // world)
-    images, labels = test_x.tensor_split(world)[rank], test_y.tensor_split(world)[rank]
-    sums = test_sums(model, images, labels, share, dtype, args.tta, pad=test_x.device.type == "cuda")
-    return test_result(plumbing.all_reduce(sums, world), args.tta)
+    share = -(-run.args.eval_batch_size // run.world)
+    images, labels = test_x.tensor_split(run.world)[run.rank], test_y.tensor_split(run.world)[run.rank]
+    sums = test_sums(model, images, labels, batch_size=share, amp_dtype=run.dtype, tta=run.args.tta,
+                     pad=run.device.type == "cuda")
+    return test_result(run.all_reduce(sums), run.args.tta)
 
 
-def new_state(args, net, max_lr, lr_range, classes, steps, dtype, rank, world):
+def batching(args):
+    """epoch_batches' settings from the command line."""
+    return dict(batch_size=args.batch_size, seed=args.seed, use_flip=not args.no_flip, cutout_p=args.cutout_p,
+                alternate_flip=args.alternate_flip)
+
+
+def new_state(run, net, max_lr, lr_range, classes):
     """The optimizer, the OneCycle schedule over the whole run and the GradScaler (on for fp16),
     in the state that last.pt keeps."""
-    optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd, args.bn_wd)
+    args = run.args
+    optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd, bn_wd=args.bn_wd)
+    steps = (args.limit_train or data.SPLIT_SIZE["train"]) // args.batch_size
     scheduler = one_cycle(optimizer, max_lr, args.epochs * steps, args.pct_start)
-    scaler = torch.amp.GradScaler(next(net.parameters()).device.type, enabled=dtype == torch.float16)
-    return plumbing.TrainState(args, net, optimizer, scheduler, scaler, max_lr, lr_range, classes, steps, rank,
-                               world)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    return plumbing.TrainState(run, net, optimizer, scheduler, scaler, max_lr, lr_range, classes)
+
+
+def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
+    """(peak LR, range-test record or None): the checkpoint's on resume, --max-lr as given, the
+    range test's pick with 'auto', or by default the optimizer's BASE_LR scaled linearly with the
+    batch size (Goyal et al. 2017): batch 128 starts from a quarter of batch 512's peak."""
+    args = run.args
+    if ckpt is not None:
+        return ckpt["max_lr"], ckpt.get("lr_range")
+    if args.max_lr is None:
+        max_lr = BASE_LR[args.optimizer] * args.batch_size / BASE_BATCH
+        run.log(f"Peak LR {max_lr:.4g} = {BASE_LR[args.optimizer]:g} x batch {args.batch_size} / {BASE_BATCH} "
+                f"(linear scaling, {args.optimizer}'s default; --max-lr sets it)")
+        return max_lr, None
+    if args.max_lr != "auto":
+        return args.max_lr, None
+    run.log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...",
+            flush=True)
+    batches, augment = lr_range.lr_range_inputs(train_x, train_y, args.batch_size // run.world,
+                                                seed=args.seed + run.rank, use_flip=not args.no_flip,
+                                                cutout_p=args.cutout_p)
+    optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, bn_wd=args.bn_wd)
+    result = lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
+                                    amp_dtype=run.dtype, transform=augment,
+                                    mean_loss=lambda loss: run.all_reduce(loss) / run.world)
+    if run.rank == 0:
+        lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
+    run.log(f"LR range test suggests max LR {result.suggested_lr:.4g} (minimum loss at {result.min_loss_lr:.4g})")
+    return result.suggested_lr, result.to_dict()
 
 
 if __name__ == "__main__":

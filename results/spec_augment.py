@@ -34,7 +34,7 @@ def mirror_pad_crop(images, generator=None, padding=2):
     return windows[torch.arange(n, device=images.device), :, dy, dx]
 
 
-def spec_transform(images, generator=None, use_flip=False, cutout_p=0.5, flip_mask=None):
+def spec_transform(images, generator=None, *, use_flip=False, cutout_p=0.5, flip_mask=None):
     """The spec's training augmentation for a uint8 batch; same signature as data.train_transform
     (the spec used no flip, so use_flip and flip_mask are ignored, and its Cutout p is 0.5)."""
     x = mirror_pad_crop(data.normalize(images), generator)

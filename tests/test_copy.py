@@ -68,16 +68,15 @@ STUDENT = {  # what a student's own code does with each piece; `piece` is the co
         assert [len(y) for _, y in piece.batches(images, torch.arange(8), 3)] == [3, 3, 2]
     """,
     "train.py": """
-        from types import SimpleNamespace
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                               nn.Linear(8, 10))
         images, labels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,))
-        args = SimpleNamespace(batch_size=16, seed=0, no_flip=False, alternate_flip=False, cutout_p=0.5)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         scheduler = piece.one_cycle(optimizer, 0.1, total_steps=8)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for epoch in range(2):
-            batches = piece.epoch_batches(images, labels, args, epoch, torch.Generator().manual_seed(1))
+            batches = piece.epoch_batches(images, labels, batch_size=16, epoch=epoch,
+                                          generator=torch.Generator().manual_seed(1), cutout_p=0.5)
             sums, seen = piece.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, scaler, scheduler)
             assert seen == 64 and sums.shape == (2,)
         result = piece.evaluate(model, images, labels, batch_size=32)

@@ -130,8 +130,31 @@ def test_normalize_roundtrip_and_mean():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     z = data.normalize(x)
     assert torch.allclose(data.denormalize(z), x.float() / 255, atol=1e-6)
-    mean_pixel = torch.tensor(data.MEAN).view(1, 3, 1, 1) * 255
+    mean_pixel = torch.tensor(data.MEAN).view(1, 3, 1, 1)  # a float image in [0, 1], as ToTensor gives
     assert torch.allclose(data.normalize(mean_pixel), torch.zeros(1, 3, 1, 1), atol=1e-6)
+
+
+def test_normalize_takes_tototensor_floats_as_they_are_and_refuses_floats_above_1():
+    """torchvision's ToTensor gives floats in [0, 1]; dividing them by 255 again would feed the
+    model an almost constant image. Floats in 0..255 are refused, naming the fix."""
+    from torchvision.transforms.functional import to_tensor
+
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    as_floats = to_tensor(image.permute(1, 2, 0).numpy())  # ToTensor, on the H x W x C array it takes
+    torch.testing.assert_close(data.normalize(as_floats), data.normalize(image))
+    with pytest.raises(ValueError, match=r"uint8 images in 0..255 or floats in \[0, 1\].*divide by 255"):
+        data.normalize(image.float())
+
+
+@pytest.mark.parametrize("name", ["random_crop", "flip", "cutout", "normalize", "train_transform"])
+@pytest.mark.parametrize("shape", [(8, 32, 32, 3), (32, 32, 3)])
+def test_channels_last_images_are_refused_in_one_sentence(name, shape):
+    """torchvision's CIFAR10(...).data is N x 32 x 32 x 3 uint8: cropping it as N x C x H x W would
+    shift the wrong axes without an error."""
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"takes channels first .* looks like (N x )?H x W x C: pass "
+                                         r"images.permute\("):
+        getattr(data, name)(images)
 
 
 def test_random_crop_is_a_window_of_the_padded_input():
@@ -207,9 +230,9 @@ def test_batches_train_shuffles_test_keeps_order_and_tail():
 
 def test_rank_shards_are_disjoint_and_cover_each_batch():
     g = lambda: torch.Generator().manual_seed(3)
-    full = list(data.batch_indices(40, 8, True, g(), True))
-    r0 = list(data.batch_indices(40, 8, True, g(), True, rank=0, world_size=2))
-    r1 = list(data.batch_indices(40, 8, True, g(), True, rank=1, world_size=2))
+    full = list(data.batch_indices(40, 8, shuffle=True, generator=g(), drop_last=True))
+    r0 = list(data.batch_indices(40, 8, shuffle=True, generator=g(), drop_last=True, rank=0, world_size=2))
+    r1 = list(data.batch_indices(40, 8, shuffle=True, generator=g(), drop_last=True, rank=1, world_size=2))
     for whole, a, b in zip(full, r0, r1):
         assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
         assert sorted(whole.tolist()) == sorted(a.tolist() + b.tolist())

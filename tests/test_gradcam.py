@@ -65,20 +65,76 @@ def test_matches_independent_autograd_computation(model, layer, which):
 
 
 def test_hooks_removed_and_model_unchanged(model):
-    model.train()
     model.linear.weight.grad = torch.ones_like(model.linear.weight)
     model.conv1.weight.requires_grad_(False)
     try:
         GradCAM(model, "layer3")(torch.randn(2, 3, 32, 32))
         assert len(model.layer3._forward_hooks) == 0
-        assert model.training
+        assert not model.training
         assert torch.equal(model.linear.weight.grad, torch.ones_like(model.linear.weight))
         assert model.layer1[0].conv1.weight.grad is None
         assert not model.conv1.weight.requires_grad and model.bn1.weight.requires_grad
     finally:
         model.conv1.weight.requires_grad_(True)
         model.linear.weight.grad = None
+
+
+def test_a_model_in_train_mode_is_refused_and_left_as_it_was(model):
+    """Switching the mode would change shared state under another thread's feet, and train mode
+    would explain batch statistics: one sentence instead."""
+    model.train()
+    try:
+        with pytest.raises(ValueError, match=r"needs the model in eval mode: call model.eval\(\) first"):
+            GradCAM(model, "layer3")(torch.randn(2, 3, 32, 32))
+        assert model.training
+    finally:
         model.eval()
+
+
+def test_several_threads_on_one_model_get_exactly_the_sequential_maps(model):
+    """Eight threads explain different images with one model and one GradCAM at once: each gets
+    the map it would get alone (checked against autograd), and no flag of the model changes."""
+    import threading
+
+    torch.manual_seed(3)
+    inputs = [torch.randn(2, 3, 32, 32) for _ in range(8)]
+    classes = [torch.randint(0, 10, (2,)) for _ in range(8)]
+    expected = [reference_cam(model, x, c, "layer3")[0] for x, c in zip(inputs, classes)]
+    cam, results, start = GradCAM(model, "layer3"), [[] for _ in range(8)], threading.Barrier(8)
+    flags = [p.requires_grad for p in model.parameters()]
+
+    def explain(i):
+        start.wait()
+        results[i] += [cam(inputs[i], classes[i])[0] for _ in range(5)]
+    threads = [threading.Thread(target=explain, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for maps, want in zip(results, expected):
+        assert len(maps) == 5
+        for got in maps:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert len(model.layer3._forward_hooks) == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_a_module_the_forward_runs_twice_is_refused_and_its_blocks_match_autograd():
+    """torchvision's BasicBlock calls its one ReLU twice: no single map belongs to it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="runs 2 times in one forward"):
+        GradCAM(net, "layer2.0.relu")(x)
+    maps, logits = GradCAM(net, "layer2.0")(x, 4)
+    captured = []
+    hook = net.layer2[0].register_forward_hook(lambda m, i, o: captured.append(o))
+    out = net(x)
+    hook.remove()
+    (grad,) = torch.autograd.grad(out[:, 4].sum(), captured[0])
+    torch.testing.assert_close(maps, cam_from(captured[0].detach(), grad, (64, 64)), atol=1e-5, rtol=0)
 
 
 def test_batch_equals_one_by_one(model):

@@ -33,9 +33,9 @@ def strict_json(path):
 
 
 def test_the_first_sigterm_asks_to_stop_and_the_second_stops_at_once():
-    with plumbing.StopSignals() as stop:
+    with plumbing.Run(train.build_parser().parse_args([])) as run:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM and stop.agreed(1, torch.device("cpu"))
+        assert run.signum == signal.SIGTERM and run.stop_agreed()
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one ends the process
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) is \
@@ -115,7 +115,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     # the all-reduced test result counts each test image once, with rank 0's BN statistics, those saved
     model, *_ = common.model_from_checkpoint(after)
     test_x, test_y, _ = data.load_cifar10(cifar, "test")
-    alone = train.evaluate(model, test_x[:50], test_y[:50], 50)
+    alone = train.evaluate(model, test_x[:50], test_y[:50], batch_size=50)
     assert alone["accuracy"] == after["history"][0]["test_acc"] and alone["total"] == 50
     single = run_script("train.py", "--device", "cpu", "--data-dir", cifar, "--resume", tmp_path / "int" / "last.pt")
     assert single.returncode == 0 and "is a finished run (1 of 1 epochs)" in single.stdout, single.stderr

@@ -130,7 +130,8 @@ def test_checkpoint_round_trip(cifar, tmp_path):
     model, classes, mean, std = common.model_from_checkpoint(ckpt)
     assert classes == list(data.CLASSES) and (mean, std) == (data.MEAN, data.STD)
     test_x, test_y, _ = data.load_cifar10(cifar, "test")
-    result = train.evaluate(model, test_x[:50], test_y[:50], 25, common.amp_dtype(torch.device("cpu")))
+    result = train.evaluate(model, test_x[:50], test_y[:50], batch_size=25,
+                            amp_dtype=common.amp_dtype(torch.device("cpu")))
     assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
 
 
@@ -421,10 +422,10 @@ def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
     labels = ((plain + mirrored) / 2).argmax(1)
     expected_plain = 100 * (plain.argmax(1) == labels).double().mean().item()
     assert expected_plain < 100
-    result = train.evaluate(model, images, labels, 16, tta=True)
+    result = train.evaluate(model, images, labels, batch_size=16, tta=True)
     assert result["accuracy_tta"] == 100 and result["correct_tta"] == 64
     assert result["accuracy"] == pytest.approx(expected_plain)
-    assert "accuracy_tta" not in train.evaluate(model, images, labels, 16, tta=False)
+    assert "accuracy_tta" not in train.evaluate(model, images, labels, batch_size=16, tta=False)
 
 
 def test_no_tta_leaves_the_tta_fields_empty(cifar, tmp_path):
@@ -462,10 +463,10 @@ def test_padded_evaluation_pads_the_last_batch_and_changes_no_result():
     hook = model.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape[0]))
     images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (100,))
-    padded = train.evaluate(model, images, labels, 64, tta=True, pad=True)
+    padded = train.evaluate(model, images, labels, batch_size=64, tta=True, pad=True)
     assert shapes == [128, 128]  # two batches of 64 images and their mirrors; the last padded from 36
     shapes.clear()
-    plain = train.evaluate(model, images, labels, 64, tta=True, pad=False)
+    plain = train.evaluate(model, images, labels, batch_size=64, tta=True, pad=False)
     assert shapes == [128, 72]
     hook.remove()
     assert padded["per_class"] == plain["per_class"] and padded["per_class_tta"] == plain["per_class_tta"]
@@ -480,10 +481,10 @@ def test_warm_up_leaves_no_trace(cifar):
     images, labels = images[:64], labels[:64]
     torch.manual_seed(0)
     net = ResNet18().to(memory_format=torch.channels_last)
-    state = train.new_state(args, net, 0.2, None, classes, 2, None, 0, 1)
+    state = train.new_state(plumbing.Run(args).start(), net, 0.2, None, classes)
     before = copy.deepcopy(state.checkpoint())
     criterion = torch.nn.CrossEntropyLoss()
-    batches = train.epoch_batches(images, labels, args, 0, data.device_generator(images.device, 5))
+    batches = train.epoch_batches(images, labels, batch_size=32, epoch=0, generator=data.device_generator(images.device, 5))
     stepped = []
 
     def train_steps(n):
@@ -491,7 +492,7 @@ def test_warm_up_leaves_no_trace(cifar):
         train.train_epoch(net, itertools.islice(batches, n), criterion, state.optimizer, state.scaler,
                           state.scheduler)
 
-    seconds = plumbing.warm_up(train_steps, lambda: train.evaluate(net, images[:40], labels[:40], 16), state)
+    seconds = plumbing.warm_up(train_steps, lambda: train.evaluate(net, images[:40], labels[:40], batch_size=16), state)
     after = state.checkpoint()
     assert seconds > 0 and stepped == [3] and state.scheduler.last_epoch == before["scheduler"]["last_epoch"]
     for key, value in before["model"].items():
@@ -516,11 +517,12 @@ def test_training_step_never_waits_for_the_gpu():
     generator = data.device_generator(device, 0)
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (512,), device=device)
-    batches = list(data.batch_indices(512, 128, True, torch.Generator().manual_seed(0), True, device=device))
+    batches = list(data.batch_indices(512, 128, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                      drop_last=True, device=device))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def step(idx):
-        x = data.train_transform(images[idx], generator, True, 0.5).contiguous(memory_format=torch.channels_last)
+        x = data.train_transform(images[idx], generator, cutout_p=0.5).contiguous(memory_format=torch.channels_last)
         return train.train_step(net, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
 
     step(batches[0])  # cuDNN's autotuning may synchronise on first sight of a shape
@@ -552,9 +554,9 @@ def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
     seen = []
     transform = data.train_transform
 
-    def recording(images, generator, use_flip, cutout_p, flip_mask=None):
-        seen.append(flip_mask)
-        return transform(images, generator, use_flip, cutout_p, flip_mask)
+    def recording(images, generator, **kwargs):
+        seen.append(kwargs["flip_mask"])
+        return transform(images, generator, **kwargs)
 
     monkeypatch.setattr(data, "train_transform", recording)
     tiny_fit(cifar, tmp_path / "alternate", epochs=2, limit_train=96, alternate_flip=True, tta=False)
