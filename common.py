@@ -34,7 +34,10 @@ class UserError(Exception):
 def int_at_least(minimum):
     """An argparse type: a whole number of at least minimum."""
     def parse(text):
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
@@ -44,32 +47,23 @@ def int_at_least(minimum):
 positive_int = int_at_least(1)
 
 
-def positive_float(text):
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def number_in(check, expected):
+    """An argparse type: a finite number for which check(value) holds; `expected` says which."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and check(value)):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_float(text):
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-def probability(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
+positive_float = number_in(lambda v: v > 0, "a positive number")
+non_negative_float = number_in(lambda v: v >= 0, "zero or a positive number")
+fraction = number_in(lambda v: 0 <= v < 1, "a number in [0, 1)")
+probability = number_in(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------

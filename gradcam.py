@@ -10,7 +10,7 @@ confusion.png and confusion.json, next to the checkpoint by default. From a note
 
 The default target layer is layer3 (its last block): at 32x32 input layer4's map is only 4x4,
 so each heatmap cell covers an 8x8 patch and the maps are blobs; layer3's 8x8 map still comes
-after 14 of the 17 conv layers, deep enough to be class-specific, at twice the resolution.
+after 13 of the 17 convolutions on the main path, deep enough to be class-specific, at twice the resolution.
 """
 import argparse
 import os

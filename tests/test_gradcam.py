@@ -455,3 +455,9 @@ def test_image_mode_with_an_unknown_class_is_one_line(tmp_path):
     res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "x.png", "--class", "kitten",
                      "--device", "cpu")
     assert res.returncode == 1 and "--class 'kitten' is not one of the checkpoint's classes" in res.stderr
+
+
+def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path):
+    for flag in ("--count", "--top-k"):
+        res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", flag, "2.5", timeout=60)
+        assert res.returncode == 2 and f"{flag}: must be a whole number, got 2.5" in res.stderr

@@ -154,3 +154,19 @@ def test_readme_try_it_lines_and_python_snippet_run_as_written(cifar, tmp_path):
     assert (tmp_path / "runs" / "nb" / "gradcam.png").is_file()
 
 
+
+
+def test_readme_and_docstring_counts_match_the_code():
+    """Numbers the README and gradcam.py state, counted from the code: the images the default batch
+    drops each epoch, and how many of the 17 main-path convolutions layer3's map comes after."""
+    import torch
+
+    import gradcam
+    from resnet import ResNet18
+
+    dropped = 50_000 % 512
+    assert f"at batch 512, {dropped} of the 50,000 images" in (REPO / "README.md").read_text()
+    names = [name for name, m in ResNet18().named_modules() if isinstance(m, torch.nn.Conv2d)
+             and "shortcut" not in name]
+    upto_layer3 = sum(not name.startswith("layer4") for name in names)
+    assert f"after {upto_layer3} of the {len(names)} convolutions on the main path" in gradcam.__doc__

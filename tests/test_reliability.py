@@ -121,6 +121,32 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     assert single.returncode == 0 and "is a finished run (1 of 1 epochs)" in single.stdout, single.stderr
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+@pytest.mark.parametrize("phase, line", [("after the last agreement", "Epoch 1/2  step 12/14"),
+                                         ("during the test pass", "Epoch 1/2  step 14/14")])
+def test_a_signal_late_in_an_epoch_under_torchrun_stops_every_rank_after_it(cifar, tmp_path, phase, line):
+    """The processes agree on stopping every 10 steps, so a Ctrl-C after step 10 of 14 (or while
+    the epoch is tested and saved) is agreed on at the epoch's end: every process stops there,
+    at once, with the resume line, instead of rank 0 waiting on a gather the others never join."""
+    args = ["--device", "cpu", "--data-dir", str(cifar), "--epochs", "2", "--limit-train", "448", "--limit-test",
+            "50", "--batch-size", "32", "--max-lr", "0.05", "--no-amp", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=script_env())
+    lines = []
+    for text in proc.stdout:
+        lines.append(text)
+        if text.startswith(line) and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    log = "".join(lines)
+    assert "Interrupted after epoch 1; saved" in log, log[-3000:]
+    assert f"Resume with: torchrun --nproc_per_node=2 train.py --resume {tmp_path / 'run' / 'last.pt'}" in log
+    saved = common.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert (saved["epoch"], saved["step"], saved["partial"]) == (1, 0, None)
+    assert "Epoch 2/2" not in log, log[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk
 

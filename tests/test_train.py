@@ -67,22 +67,15 @@ def test_gpus_without_bf16_units_get_fp16_with_a_grad_scaler(monkeypatch, capabi
     assert common.precision_name(chosen) == ("fp16 autocast + GradScaler" if capability < (8, 0) else "bf16 autocast")
 
 
-def test_sgd_takes_nesterov_steps_with_weight_decay():
-    """Two steps against Nesterov momentum with L2 decay written out by hand (Sutskever et al. 2013,
-    in PyTorch's form): g = grad + wd * w; b = 0.9 * b + g; w -= lr * (g + 0.9 * b)."""
-    layer = torch.nn.Linear(3, 2)
-    optimizer = common.make_optimizer(layer, "sgd", lr=0.1, wd=0.01)
-    w, buf = layer.weight.detach().clone(), torch.zeros(2, 3)
-    x = torch.tensor([[1.0, -2.0, 0.5]])
-    for _ in range(2):
-        optimizer.zero_grad()
-        layer(x).pow(2).sum().backward()
-        grad = layer.weight.grad.clone()
-        optimizer.step()
-        g = grad + 0.01 * w
-        buf = 0.9 * buf + g
-        w = w - 0.1 * (g + 0.9 * buf)
-        torch.testing.assert_close(layer.weight.detach(), w)
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_make_optimizer_builds_the_recipe_s_optimizer(name):
+    """SGD with Nesterov momentum 0.9, or Adam; both with the given LR and L2 weight decay."""
+    optimizer = common.make_optimizer(torch.nn.Linear(3, 2), name, lr=0.1, wd=0.01)
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+    assert (group["lr"], group["weight_decay"]) == (0.1, 0.01)
+    if name == "sgd":
+        assert group["momentum"] == 0.9 and group["nesterov"]
 
 
 def test_fit_learns_and_writes_outputs(cifar, tmp_path):
@@ -233,6 +226,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeyp
     (["--limit-train", "100", "--batch-size", "128"], "larger than the 100 training images"),
     (["--max-lr", "fast"], "--max-lr"),
     (["--cutout-p", "1.5"], "--cutout-p"),
+    (["--epochs", "2.5"], "--epochs: must be a whole number, got 2.5"),
+    (["--batch-size", "many"], "--batch-size: must be a whole number, got many"),
+    (["--wd", "x"], "--wd: must be zero or a positive number, got x"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
     res = run_script("train.py", *args)
@@ -410,6 +406,12 @@ def test_peak_lr_follows_the_batch_size(cifar, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.025)
 
 
+def test_adam_without_a_peak_gets_its_own_never_sgd_s(cifar, tmp_path, capsys):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, max_lr=None, limit_train=96, optimizer="adam")
+    assert "= 0.027 x batch 32 / 512 (linear scaling, adam's default" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.027 / 16)
+
+
 def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
     """Against the logits of each image and of its mirror, computed separately: labels are set to
     the mean's prediction, so TTA must score 100% while the single view scores less."""
@@ -481,7 +483,10 @@ def test_warm_up_leaves_no_trace(cifar):
     images, labels = images[:64], labels[:64]
     torch.manual_seed(0)
     net = ResNet18().to(memory_format=torch.channels_last)
-    state = train.new_state(plumbing.Run(args).start(), net, 0.2, None, classes)
+    run = plumbing.Run(args).start()
+    run.dtype = torch.float16  # a GradScaler that is on, as a T4 gets it (torch.amp's CPU scaler works alike)
+    state = train.new_state(run, net, 0.2, None, classes)
+    assert state.scaler.is_enabled()
     before = copy.deepcopy(state.checkpoint())
     criterion = torch.nn.CrossEntropyLoss()
     batches = train.epoch_batches(images, labels, batch_size=32, epoch=0, generator=data.device_generator(images.device, 5))
@@ -490,7 +495,7 @@ def test_warm_up_leaves_no_trace(cifar):
     def train_steps(n):
         stepped.append(n)
         train.train_epoch(net, itertools.islice(batches, n), criterion, state.optimizer, state.scaler,
-                          state.scheduler)
+                          state.scheduler, torch.float16)
 
     seconds = plumbing.warm_up(train_steps, lambda: train.evaluate(net, images[:40], labels[:40], batch_size=16), state)
     after = state.checkpoint()
@@ -498,7 +503,7 @@ def test_warm_up_leaves_no_trace(cifar):
     for key, value in before["model"].items():
         assert torch.equal(value, after["model"][key]), key
     assert after["optimizer"] == before["optimizer"] and after["scheduler"] == before["scheduler"]
-    assert after["scaler"] == before["scaler"]
+    assert after["scaler"] == before["scaler"] and before["scaler"]["scale"] > 0
     assert torch.equal(after["aug_generator"][0], before["aug_generator"][0])
     assert all(p.grad is None for p in net.parameters())
 
@@ -580,3 +585,30 @@ def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch, capsys
     assert "Warm-up (compilation): 0.5 s, not counted as training" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["warmup_seconds"] == 0.5 and metrics["wall_seconds"] > metrics["train_seconds"] > 0
+
+
+def test_an_enabled_grad_scaler_is_saved_and_resumed(cifar, tmp_path):
+    """fp16's GradScaler (its scale and growth tracker) goes into last.pt and comes back on resume;
+    on the CPU torch.amp's scaler is real too, so this needs no GPU."""
+    args = train.build_parser().parse_args(["--batch-size", "32", "--epochs", "2", "--limit-train", "96",
+                                            "--out", str(tmp_path)])
+    images, labels, classes = data.load_cifar10(cifar, "train")
+
+    def fp16_state():
+        run = plumbing.Run(args).start()
+        run.dtype = torch.float16
+        torch.manual_seed(0)
+        return train.new_state(run, ResNet18().to(memory_format=torch.channels_last), 0.05, None, classes)
+
+    state = fp16_state()
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=2)
+    batches = train.epoch_batches(images[:96], labels[:96], batch_size=32, epoch=0, generator=state.aug_generator)
+    train.train_epoch(state.net, batches, torch.nn.CrossEntropyLoss(), state.optimizer, state.scaler,
+                      state.scheduler, torch.float16)
+    state.epoch = 1
+    state.save(["last.pt"], state.checkpoint())
+    resumed = fp16_state()
+    resumed.restore(common.load_checkpoint(str(tmp_path / "last.pt")))
+    saved = state.scaler.state_dict()
+    assert saved["scale"] != 2.0 ** 20 or saved["_growth_tracker"] > 0  # three steps moved it
+    assert resumed.scaler.state_dict() == saved
