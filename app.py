@@ -12,7 +12,9 @@ requirements.txt and the checkpoint, named best.pt or model.pt, in the Space. It
 import argparse
 import os
 import sys
+import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,20 +56,38 @@ def shown(picture, cam=None, alpha=0.5):
     return (big.clip(0, 1) * 255).round().astype("uint8")
 
 
+def with_article(name):
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
 class Demo:
-    """The checkpoint's model and the test set, and what each control of the page asks of them."""
+    """The checkpoint's model and the test set, and what each control of the page asks of them.
+    Gradio runs events in parallel threads: GradCAM and the model's forward are safe so, and the
+    test set and its predictions, made once, are guarded by a lock."""
 
     def __init__(self, ckpt, data_dir="./data", device="auto"):
         self.ckpt, self.data_dir = ckpt, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
-        self.test, self.probs = None, None
+        self.lock, self.test, self.probs = threading.RLock(), None, None
 
     def test_set(self):
-        """CIFAR-10's test images and labels, loaded (and downloaded) on first use."""
-        if self.test is None:
-            images, labels, _ = data.load_cifar10(self.data_dir, "test", download=True, expect_full=False)
-            self.test = images, labels
-        return self.test
+        """CIFAR-10's test images and labels, loaded (and downloaded) once."""
+        with self.lock:
+            if self.test is None:
+                images, labels, _ = data.load_cifar10(self.data_dir, "test", download=True, expect_full=False)
+                self.test = images, labels
+            return self.test
+
+    def predictions(self, log=None):
+        """Every test image's class probabilities, computed once (app.py starts it at launch, with
+        progress in the log, so the misclassified tab answers in seconds)."""
+        with self.lock:
+            if self.probs is None:
+                images, _ = self.test_set()
+                device = next(self.model.parameters()).device
+                self.probs = gradcam.predict(self.model, images.to(device), self.mean, self.std, tta=self.tta,
+                                             progress=log).cpu()
+            return self.probs
 
     def explain(self, image, layer, alpha, top_k):
         """(top classes {name: p}, the 32 x 32 input, its overlay, a caption) for a uint8 image."""
@@ -80,44 +100,59 @@ class Demo:
 
     def explain_upload(self, path, layer, alpha, top_k):
         if path is None:
-            return {}, None, None, "Upload an image (JPEG, PNG, GIF or WebP) first."
+            return {}, None, None, "Upload an image (JPEG, PNG, GIF or WebP) first.", "upload"
+        name = os.path.basename(path)
         try:
             image = gradcam.fit_32(gradcam.read_image(path))
         except common.UserError as e:  # named as the user's file, not Gradio's copy of it
-            return {}, None, None, f"{str(e).replace(path, os.path.basename(path))}; try another file."
-        return self.explain(image, layer, alpha, top_k)
+            return {}, None, None, f"{str(e).replace(path, name)}; try another file.", "upload"
+        label, picture, heat, caption = self.explain(image, layer, alpha, top_k)
+        return label, picture, heat, f"{name}. {caption}", "upload"
 
     def explain_test(self, index, layer, alpha, top_k):
         try:
             images, labels = self.test_set()
         except data.DataError as e:
-            return {}, None, None, f"The test set is not available here: {e}"
-        index = int(index) % len(images)
+            return {}, None, None, f"The test set is not available here: {e}", "test"
+        if index is None or index != int(index) or not 0 <= index < len(images):
+            return {}, None, None, (f"Pick a test image by its index: a whole number from 0 to "
+                                    f"{len(images) - 1:,}."), "test"
+        index = int(index)
         label, picture, heat, caption = self.explain(images[index], layer, alpha, top_k)
-        return label, picture, heat, f"Test image {index}, a {self.classes[int(labels[index])]}. {caption}"
+        return label, picture, heat, f"Test image {index}, {with_article(self.classes[int(labels[index])])}. " \
+                                     f"{caption}", "test"
+
+    def explain_shown(self, source, path, index, layer, alpha, top_k):
+        """A control changed: explain again what the page shows (the upload or the test image)."""
+        if source == "upload" and path is not None:
+            return self.explain_upload(path, layer, alpha, top_k)
+        return self.explain_test(index, layer, alpha, top_k)
 
     def misclassified(self, count, seed, layer, alpha):
-        """A gallery of [(overlay, caption)] for misclassified test images, and a line about them."""
+        """A gallery of [(image beside its overlay, caption)] of misclassified test images, and a
+        line about them."""
         try:
             images, labels = self.test_set()
         except data.DataError as e:
             return [], f"The test set is not available here: {e}"
-        if self.probs is None:
-            device = next(self.model.parameters()).device
-            self.probs = gradcam.predict(self.model, images.to(device), self.mean, self.std, tta=self.tta).cpu()
-        chosen = gradcam.misclassified(self.probs, labels, int(count), int(seed))
+        probs = self.predictions()
+        chosen = gradcam.misclassified(probs, labels, int(count), int(seed or 0))
         x = data.normalize(images[chosen], self.mean, self.std)
-        maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, self.probs[chosen].argmax(1))
+        maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, probs[chosen].argmax(1))
         pictures = images[chosen].permute(0, 2, 3, 1).numpy() / 255
-        gallery = [(shown(p, m, alpha), f"{self.classes[int(labels[i])]} taken for "
-                    f"{self.classes[int(self.probs[i].argmax())]} ({100 * float(self.probs[i].max()):.0f}%)")
+        gap = np.full((SHOWN, SHOWN // 16, 3), 255, dtype=np.uint8)
+        gallery = [(np.concatenate([shown(p), gap, shown(p, m, alpha)], axis=1),
+                    f"{self.classes[int(labels[i])]} taken for {self.classes[int(probs[i].argmax())]} "
+                    f"({100 * float(probs[i].max()):.0f}%)")
                    for p, m, i in zip(pictures, maps.cpu().numpy(), chosen)]
-        wrong = int((self.probs.argmax(1) != labels).sum())
-        return gallery, f"{wrong:,} of {len(labels):,} test images misclassified; Grad-CAM for the predicted class."
+        wrong = int((probs.argmax(1) != labels).sum())
+        return gallery, (f"{wrong:,} of {len(labels):,} test images misclassified; each image beside its "
+                         f"Grad-CAM for the predicted class.")
 
 
 def build_page(demo, gr):
-    """The page: a tab for any image, a tab for the misclassified test images."""
+    """The page: the controls on top, a tab for any image, a tab for the misclassified test images;
+    every control re-runs what its tab shows."""
     with gr.Blocks(title="CIFAR-10 ResNet18: what the model sees") as page:
         gr.Markdown(f"# CIFAR-10 ResNet18: what the model sees\nCheckpoint `{os.path.basename(demo.ckpt)}`; "
                     f"classes: {', '.join(demo.classes)}. Images are brought to 32 x 32 as the model saw CIFAR-10.")
@@ -125,29 +160,38 @@ def build_page(demo, gr):
             layer = gr.Dropdown(list(LAYERS), value="layer3", label="Grad-CAM layer")
             alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
             top_k = gr.Slider(1, len(demo.classes), value=3, step=1, label="Classes to list")
+        source = gr.State("test")  # what the first tab shows: "upload" or "test"
         with gr.Tab("Any image"):
             with gr.Row():
                 upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
-                index = gr.Number(value=0, precision=0, label="Or a test image: its index (0 to 9,999)")
+                with gr.Column():
+                    index = gr.Number(value=0, precision=0, label="Or a test image: its index (0 to 9,999)")
+                    show_test = gr.Button("Show the test image")
             with gr.Row():
                 classes = gr.Label(label="Top classes")
                 picture = gr.Image(label="As the model sees it (32 x 32)", format="png")
                 heat = gr.Image(label="Grad-CAM overlay", format="png")
             caption = gr.Markdown()
-            outputs = [classes, picture, heat, caption]
+            outputs = [classes, picture, heat, caption, source]
             controls = [layer, alpha, top_k]
             upload.upload(demo.explain_upload, [upload, *controls], outputs, api_name="explain_upload")
-            gr.Button("Show the test image").click(demo.explain_test, [index, *controls], outputs,
-                                                    api_name="explain_test")
+            show_test.click(demo.explain_test, [index, *controls], outputs, api_name="explain_test")
+            index.submit(demo.explain_test, [index, *controls], outputs)
             page.load(demo.explain_test, [index, *controls], outputs)
+            for control in controls:
+                control.change(demo.explain_shown, [source, upload, index, *controls], outputs)
         with gr.Tab("Misclassified test images"):
             with gr.Row():
                 count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
                 seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
             show = gr.Button("Show misclassified images")
-            gallery = gr.Gallery(label="Actual taken for predicted", columns=5, height="auto")
+            gallery = gr.Gallery(label="Actual taken for predicted: the image, then its Grad-CAM", columns=2,
+                                 height="auto")
             summary = gr.Markdown()
-            show.click(demo.misclassified, [count, seed, layer, alpha], [gallery, summary], api_name="misclassified")
+            inputs = [count, seed, layer, alpha]
+            show.click(demo.misclassified, inputs, [gallery, summary], api_name="misclassified")
+            for control in (count, seed, layer, alpha):
+                control.change(demo.misclassified, inputs, [gallery, summary])
     return page
 
 
@@ -171,7 +215,25 @@ def main(argv=None):
         demo = Demo(find_checkpoint(args.ckpt), args.data_dir, args.device)
     except common.UserError as e:
         sys.exit(f"error: {e}")
-    build_page(demo, gr).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", args.host), server_port=args.port)
+    threading.Thread(target=score_test_set, args=(demo,), daemon=True).start()
+    try:
+        build_page(demo, gr).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", args.host),
+                                    server_port=args.port)
+    except OSError as e:
+        if "port" not in str(e).lower():
+            raise
+        sys.exit(f"error: cannot serve on port {args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)}, it is "
+                 f"busy; pass --port with a free one")
+
+
+def score_test_set(demo):
+    """At launch, in the background: the predictions the misclassified tab needs, with progress."""
+    try:
+        print("Scoring the test set once for the misclassified tab ...", flush=True)
+        demo.predictions(log=print)
+        print("Test set scored: the misclassified tab answers in seconds.", flush=True)
+    except data.DataError as e:
+        print(f"The test set is not available here ({e}); the misclassified tab will say so.", flush=True)
 
 
 if __name__ == "__main__":

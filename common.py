@@ -121,7 +121,7 @@ def cpu_model():
 
 def cpu_supports_bf16():
     """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX). oneDNN also runs bf16 by
-    emulation on plain AVX-512, where it measured 3.5x slower than fp32 (Xeon, 2026-11-30)."""
+    emulation on plain AVX-512, where it is slower than fp32 (the README has the measurement)."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:

@@ -13,6 +13,7 @@ so each heatmap cell covers an 8x8 patch and the maps are blobs; layer3's 8x8 ma
 after 13 of the 17 convolutions on the main path, deep enough to be class-specific, at twice the resolution.
 """
 import argparse
+import collections
 import os
 import sys
 import threading
@@ -198,9 +199,12 @@ def draw_misclassified(images, actual, predicted, path=None):
     return fig
 
 
-def draw_gradcam(images, pred_maps, true_maps, actual, predicted, confidence, alpha, layer, path=None):
+def draw_gradcam(images, pred_maps, true_maps, records, alpha=0.5, layer="layer3", path=None):
     """Per image: the image, the map for the predicted class and the map for the true class, with
-    one colour bar; returns the Figure. A map with no positive evidence at all is all zero (blue)."""
+    one colour bar; records give each image's "actual", "predicted" and "confidence". Returns the
+    Figure. A map with no positive evidence at all is all zero (blue)."""
+    actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]
+    confidence = [r["confidence"] for r in records]
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
@@ -250,13 +254,16 @@ def draw_confusion(matrix, classes, path=None):
 MAX_COUNT = 50  # rows of gradcam.png; more would take minutes and gigabytes to draw
 
 
+Loaded = collections.namedtuple("Loaded", "model classes mean std tta")
+
+
 def load_model(ckpt, device="auto"):
-    """(model in eval mode, classes, mean, std, whether the run tested with flip TTA) from a
+    """A Loaded (model in eval mode, classes, mean, std, whether the run tested with flip TTA) from a
     train.py checkpoint. Raises common.UserError with one sentence."""
     device = common.resolve_device(device)
     state = common.load_checkpoint(ckpt)
     model, classes, mean, std = common.model_from_checkpoint(state, device, ckpt)
-    return model.eval(), classes, mean, std, bool((state.get("args") or {}).get("tta", False))
+    return Loaded(model.eval(), classes, mean, std, bool((state.get("args") or {}).get("tta", False)))
 
 
 def refuse_non_finite(probs, ckpt):
@@ -274,7 +281,8 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
     if not 1 <= count <= MAX_COUNT:
         raise common.UserError(f"--count must lie in 1..{MAX_COUNT} (one figure row per image); for other "
                                f"images, run again with another --seed")
-    model, classes, mean, std, run_tta = load_model(ckpt, device)
+    loaded = load_model(ckpt, device)
+    model, classes, mean, std, run_tta = loaded
     tta = run_tta if tta is None else tta
     find_layer(model, layer)
     out = out or os.path.dirname(ckpt) or "."  # as the user typed it: the figures' path is printed
@@ -283,7 +291,11 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
         images, labels = images[:limit_test].to(next(model.parameters()).device), labels[:limit_test]
         probs = predict(model, images, mean, std, tta=tta, progress=print).cpu()
         refuse_non_finite(probs, ckpt)
-        summary, chosen = write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed)
+        found, chosen = summarize(probs, labels, classes, count, seed)
+        summary = {"checkpoint": ckpt, "layer": layer, "tta": tta, **found}
+        print(f"{ckpt}: {summary['test_accuracy']:.2f}% on {len(labels):,} test images"
+              f"{' with flip TTA' if tta else ''}; {summary['wrong']} misclassified")
+        common.save_json(os.path.join(out, "misclassified.json"), summary)
         matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
         common.save_json(os.path.join(out, "confusion.json"), {
             "checkpoint": ckpt, "classes": classes, "rows": "actual", "columns": "predicted",
@@ -294,40 +306,39 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
             print(f"no misclassified images: nothing to draw (wrote misclassified.json with an empty list, "
                   f"confusion.png and confusion.json to {out})")
             return figures
-        figures.update(draw_report(model, images[chosen], labels[chosen], probs[chosen], summary, mean, std, alpha,
-                                   layer, out))
+        figures.update(draw_report(loaded, images[chosen], summary, alpha=alpha, out=out))
     print(f"wrote misclassified.png, gradcam.png, confusion.png and their JSON files to {out}")
     return figures
 
 
-def write_summary(ckpt, out, layer, tta, probs, labels, classes, count, seed):
-    """misclassified.json; returns its summary and the chosen images' indices."""
+def summarize(probs, labels, classes, count, seed=None):
+    """The test accuracy, the number wrong and up to `count` misclassified images as records (for
+    misclassified.json); and the chosen images' indices."""
     predicted = probs.argmax(1)
-    accuracy = 100 * (predicted == labels).double().mean().item()
     chosen = misclassified(probs, labels, count, seed)
-    print(f"{ckpt}: {accuracy:.2f}% on {len(labels):,} test images{' with flip TTA' if tta else ''}; "
-          f"{int((predicted != labels).sum())} misclassified")
     records = [{"index": int(i), "actual": classes[int(labels[i])], "predicted": classes[int(predicted[i])],
                 "confidence": float(probs[i].max()), "true_class_probability": float(probs[i, labels[i]])}
                for i in chosen]
-    summary = {"checkpoint": ckpt, "layer": layer, "test_images": len(labels), "tta": tta,
-               "test_accuracy": accuracy, "misclassified": records}
-    common.save_json(os.path.join(out, "misclassified.json"), summary)
-    return summary, chosen
+    return {"test_images": len(labels), "test_accuracy": 100 * (predicted == labels).double().mean().item(),
+            "wrong": int((predicted != labels).sum()), "misclassified": records}, chosen
 
 
-def draw_report(model, images, labels, probs, summary, mean, std, alpha, layer, out):
-    """misclassified.png and gradcam.png of the chosen test images."""
-    x = data.normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
-    cam = GradCAM(model, find_layer(model, layer))
-    pred_maps, _ = cam(x, probs.argmax(1))
-    true_maps, _ = cam(x, labels)
-    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
+def draw_report(loaded, images, summary, alpha=0.5, out="."):
+    """misclassified.png and gradcam.png of the chosen uint8 test images, whose records `summary`
+    holds (summarize's), with maps of its layer."""
+    model, classes, mean, std, _ = loaded
     records = summary["misclassified"]
-    actual, predicted = [r["actual"] for r in records], [r["predicted"] for r in records]
-    return {"misclassified": draw_misclassified(pictures, actual, predicted, os.path.join(out, "misclassified.png")),
-            "gradcam": draw_gradcam(pictures, pred_maps.cpu().numpy(), true_maps.cpu().numpy(), actual, predicted,
-                                    [r["confidence"] for r in records], alpha, layer, os.path.join(out, "gradcam.png"))}
+    predicted = torch.tensor([classes.index(r["predicted"]) for r in records])
+    actual = torch.tensor([classes.index(r["actual"]) for r in records])
+    x = data.normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+    cam = GradCAM(model, find_layer(model, summary["layer"]))
+    pred_maps, true_maps = (cam(x, targets)[0].cpu().numpy() for targets in (predicted, actual))
+    pictures = data.denormalize(x, mean, std).permute(0, 2, 3, 1).cpu().numpy()
+    return {"misclassified": draw_misclassified(pictures, [r["actual"] for r in records],
+                                                [r["predicted"] for r in records],
+                                                os.path.join(out, "misclassified.png")),
+            "gradcam": draw_gradcam(pictures, pred_maps, true_maps, records, alpha=alpha, layer=summary["layer"],
+                                    path=os.path.join(out, "gradcam.png"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,17 +346,44 @@ def draw_report(model, images, labels, probs, summary, mean, std, alpha, layer, 
 
 
 def read_image(path):
-    """uint8 RGB C x H x W from an image file Pillow reads (JPEG, PNG, GIF, WebP, ...; grey and RGBA
-    converted to RGB). Raises common.UserError naming the file when it is missing or not an image."""
-    from torchvision.datasets.folder import pil_loader
-    from torchvision.transforms.functional import pil_to_tensor
+    """uint8 RGB C x H x W from an image file Pillow reads (JPEG, PNG, GIF, WebP, ...): turned upright
+    as its EXIF orientation says (phone photos), grey, RGBA and 16-bit images brought to 8-bit RGB.
+    Raises common.UserError naming the file when it is missing, not an image, or too large to open
+    safely."""
+    from PIL import Image, ImageOps
 
     if not os.path.isfile(path):
-        raise common.UserError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+        what = "is a folder with no image files" if os.path.isdir(path) else "is not a file"
+        raise common.UserError(f"{path} does not exist" if not os.path.exists(path) else f"{path} {what}")
     try:
-        return pil_to_tensor(pil_loader(path))
-    except (OSError, ValueError):
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I"):  # 16- or 32-bit integer grey: scaled, not clipped to white
+                array = np.asarray(image, dtype=np.float64)
+                top = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
+                image = Image.fromarray((array / top * 255).clip(0, 255).round().astype(np.uint8))
+            rgb = np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise common.UserError(f"{path} has more pixels than Pillow opens safely ({Image.MAX_IMAGE_PIXELS:,}); "
+                               f"resize it first") from None
+    except (OSError, ValueError, SyntaxError):
         raise common.UserError(f"{path} is not an image that can be read (JPEG, PNG, GIF or WebP)") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(paths):
+    """The paths, with each folder replaced by the image files in it (by name, sorted)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, name) for name in os.listdir(path)
+                            if name.lower().endswith(IMAGE_SUFFIXES))
+        else:
+            files.append(path)
+    return files
 
 
 def fit_32(image, size=32):
@@ -379,11 +417,17 @@ def explain_images(ckpt, paths, out=None, layer="layer3", class_name=None, alpha
     model, classes, mean, std, run_tta = load_model(ckpt, device)
     tta = run_tta if tta is None else tta
     find_layer(model, layer)
-    if class_name is not None and class_name not in classes:
-        raise common.UserError(f"--class {class_name!r} is not one of the checkpoint's classes: {', '.join(classes)}")
+    if class_name is not None:
+        named = {name.lower(): name for name in classes}
+        if class_name.lower() not in named:
+            raise common.UserError(f"--class {class_name!r} is not one of the checkpoint's classes: "
+                                   f"{', '.join(classes)}")
+        class_name = named[class_name.lower()]
+    if top_k > len(classes):
+        raise common.UserError(f"--top-k {top_k} is more than the checkpoint's {len(classes)} classes")
     out = out or os.path.dirname(ckpt) or "."
     rows, records, errors = [], [], []
-    for path in paths:
+    for path in image_files(paths):
         try:
             image = fit_32(read_image(path))
         except common.UserError as e:
@@ -398,8 +442,11 @@ def explain_images(ckpt, paths, out=None, layer="layer3", class_name=None, alpha
     summary = {"checkpoint": ckpt, "layer": layer, "tta": tta, "images": records, "errors": errors}
     with common.FolderLock(out):
         common.save_json(os.path.join(out, "gradcam_images.json"), summary)
+        figure = os.path.join(out, "gradcam_images.png")
         if rows:
-            draw_explanations(rows, alpha, layer, os.path.join(out, "gradcam_images.png"))
+            draw_explanations(rows, alpha, layer, figure)
+        elif os.path.exists(figure):  # an earlier run's figure would pass for this one's
+            os.unlink(figure)
     print(f"wrote gradcam_images.json{' and gradcam_images.png' if rows else ''} to {out}")
     return summary
 
@@ -436,8 +483,9 @@ def build_parser():
     add = parser.add_argument
     add("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
     add("--image", nargs="+", metavar="FILE",
-        help="explain these image files instead of the test set: any size, grey or RGBA too; the shorter side is "
-             "resized to 32 pixels (antialiased) and the centre 32 x 32 kept, as the model saw CIFAR-10")
+        help="explain these image files (or the images in these folders) instead of the test set: any size, grey, "
+             "RGBA or 16-bit too, turned upright as their EXIF says; the shorter side is resized to 32 pixels "
+             "(antialiased) and the centre 32 x 32 kept, as the model saw CIFAR-10")
     add("--class", dest="class_name", default=None, help="with --image: also show the map for this class")
     add("--top-k", type=common.positive_int, default=3, help="with --image: classes listed per image (default 3)")
     add("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")

@@ -243,7 +243,8 @@ def build_parser():
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: bf16 on GPUs from compute capability 8.0 and on CPUs with bf16 units, fp16 + "
              "GradScaler on older GPUs (T4, V100); --no-amp: fp32")
-    add("--compile", action="store_true", help="torch.compile the model (off by default: README, Results, says when it pays)")
+    add("--compile", action="store_true",
+        help="torch.compile the model (off by default: the README's Results say when it pays)")
     add("--compile-mode", choices=common.COMPILE_MODES, default="default", help="torch.compile's mode")
     add("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
     add("--limit-train", type=common.positive_int, default=None, help="train on the first N images only")

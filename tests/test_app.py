@@ -73,7 +73,7 @@ def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
     assert [c["label"] for c in label["confidences"]] == [data.CLASSES[int(i)] for i in top.indices]
     assert [c["confidence"] for c in label["confidences"]] == pytest.approx(top.values.tolist(), abs=1e-5)
     assert Image.open(heat).size == Image.open(picture).size == (256, 256)
-    assert caption.startswith("Grad-CAM on layer3 for ")
+    assert caption.startswith("photo.png. Grad-CAM on layer3 for ")
 
     (folder / "broken.jpg").write_bytes(b"not a picture")
     label, picture, heat, caption = client.predict(handle_file(str(folder / "broken.jpg")), "layer2", 0.5, 3,
@@ -82,8 +82,44 @@ def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
     assert caption == "broken.jpg is not an image that can be read (JPEG, PNG, GIF or WebP); try another file."
 
     label, picture, heat, caption = client.predict(7, "layer4", 0.3, 2, api_name="/explain_test")
-    assert len(label["confidences"]) == 2 and caption.startswith("Test image 7, a ")
+    assert len(label["confidences"]) == 2 and caption.startswith("Test image 7, a")
+    for index in (None, 100, -1):  # the served test set has 100 images
+        label, picture, heat, caption = client.predict(index, "layer3", 0.5, 3, api_name="/explain_test")
+        assert picture is None and caption == "Pick a test image by its index: a whole number from 0 to 99."
 
     gallery, summary = client.predict(4, 1, "layer3", 0.5, api_name="/misclassified")
     assert len(gallery) == 4 and all(" taken for " in item["caption"] for item in gallery)
-    assert summary.endswith("of 100 test images misclassified; Grad-CAM for the predicted class.")
+    assert summary.endswith("of 100 test images misclassified; each image beside its Grad-CAM for the predicted "
+                            "class.")
+    item = gallery[0]["image"]
+    assert Image.open(item if isinstance(item, str) else item["path"]).size == (256 + 16 + 256, 256)  # image, map
+
+
+def test_every_control_re_runs_what_the_page_shows(small_cifar, tmp_path):
+    """The layer, opacity and class-count controls call explain_shown with what the first tab shows:
+    the upload after an upload, the test image after the button; a broken or empty index says the range."""
+    from PIL import Image
+
+    import app
+
+    torch.manual_seed(0)
+    torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
+    demo = app.Demo(str(tmp_path / "best.pt"), str(small_cifar), "cpu")
+    Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(tmp_path / "cat.png")
+    for layer, alpha, top_k in [("layer2", 0.3, 2), ("layer4", 0.9, 5)]:
+        upload = demo.explain_upload(str(tmp_path / "cat.png"), layer, alpha, top_k)
+        again = demo.explain_shown("upload", str(tmp_path / "cat.png"), 3, layer, alpha, top_k)
+        assert upload[0] == again[0] and len(again[0]) == top_k and (upload[2] == again[2]).all()
+        assert again[3].startswith(f"cat.png. Grad-CAM on {layer}")
+        test = demo.explain_shown("test", str(tmp_path / "cat.png"), 3, layer, alpha, top_k)
+        assert test[3].startswith("Test image 3, ") and test[4] == "test"
+    assert demo.explain_shown("upload", None, 5, "layer3", 0.5, 3)[3].startswith("Test image 5, ")
+    assert app.with_article("airplane") == "an airplane" and app.with_article("cat") == "a cat"
+
+
+def test_a_busy_port_is_one_sentence_about_port(served):
+    url, folder = served
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    res = run_script("app.py", "--ckpt", folder / "best.pt", "--device", "cpu", "--port", port, timeout=180)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"cannot serve on port {port}, it is busy; pass --port with a free one" in res.stderr

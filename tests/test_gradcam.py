@@ -198,8 +198,8 @@ def test_figure_titles_fit_inside_the_figure(count):
     FigureCanvasAgg(fig)
     _titles_inside(fig)
     maps = np.random.default_rng(1).random((count, 32, 32))
-    fig = gradcam.draw_gradcam(images, maps, np.zeros_like(maps), names, ["truck"] * count, [0.9] * count, 0.5,
-                               "layer3")
+    records = [{"actual": name, "predicted": "truck", "confidence": 0.9} for name in names]
+    fig = gradcam.draw_gradcam(images, maps, np.zeros_like(maps), records, alpha=0.5, layer="layer3")
     FigureCanvasAgg(fig)
     _titles_inside(fig)
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
@@ -295,8 +295,8 @@ def test_predictions_follow_the_run_s_flip_tta(cifar, tmp_path, model):
     mean_pred = ((plain + mirrored) / 2).argmax(1)
     assert (mean_pred != plain.argmax(1)).any()  # else the test could not tell the two apart
     for name, tta, pred in [("tta.pt", True, mean_pred), ("plain.pt", False, plain.argmax(1))]:
-        summary, _ = gradcam.write_summary(name, str(tmp_path), "layer3", tta, gradcam.predict(
-            net, images, data.MEAN, data.STD, tta=tta), labels, list(data.CLASSES), 50, None)
+        summary, _ = gradcam.summarize(gradcam.predict(net, images, data.MEAN, data.STD, tta=tta), labels,
+                                       list(data.CLASSES), 50)
         assert summary["test_accuracy"] == pytest.approx(100 * (pred == labels).double().mean().item())
         assert [r["index"] for r in summary["misclassified"]] == (pred != labels).nonzero().flatten().tolist()[:50]
         assert gradcam.load_model(str(tmp_path / name), "cpu")[4] is tta  # the run's choice is the default
@@ -461,3 +461,62 @@ def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path):
     for flag in ("--count", "--top-k"):
         res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", flag, "2.5", timeout=60)
         assert res.returncode == 2 and f"{flag}: must be a whole number, got 2.5" in res.stderr
+
+
+def test_a_phone_photo_a_16_bit_png_and_a_decompression_bomb(tmp_path):
+    """Real files of each kind: a JPEG whose EXIF says 'rotate 90' comes upright, a 16-bit grey PNG
+    keeps its shades (not clipped to a white square), and an image over Pillow's pixel limit is one
+    sentence while the files after it are still explained."""
+    from PIL import Image
+
+    _save_random_checkpoint(tmp_path / "m.pt")
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255  # white on the left, as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright = gradcam.read_image(str(tmp_path / "phone.jpg"))
+    assert upright.shape == (3, 40, 20)  # taller than wide, as the phone showed it
+    assert upright[:, :18].float().mean() > 240 and upright[:, 22:].float().mean() < 15  # white on top
+
+    shades = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(shades).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    grey = gradcam.read_image(str(tmp_path / "deep.png"))
+    expected = torch.from_numpy((shades / 65535 * 255).round().astype(np.uint8))
+    assert (grey[0].int() - expected.int()).abs().max() <= 1 and torch.equal(grey[0], grey[2])
+
+    Image.new("1", (16_000, 16_000)).save(tmp_path / "bomb.png")  # 256 million pixels, a few kB on disk
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "bomb.png",
+                     tmp_path / "phone.jpg", "--device", "cpu", "--out", tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'bomb.png'} has more pixels than Pillow opens safely" in res.stderr
+    assert [os.path.basename(r["path"]) for r in json.loads((tmp_path / "out" / "gradcam_images.json")
+                                                             .read_text())["images"]] == ["phone.jpg"]
+
+
+def test_image_mode_small_things(tmp_path):
+    """A folder stands for its images; --class ignores case; --top-k above the class count is one
+    sentence; a run whose every file fails leaves no older figure beside its JSON."""
+    from PIL import Image
+
+    _save_random_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "photos").mkdir()
+    for name in ("b.png", "a.jpg"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "photos" / name)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "photos", "--class", "Cat",
+                     "--device", "cpu", "--out", out)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "gradcam_images.json").read_text())
+    assert [os.path.basename(r["path"]) for r in summary["images"]] == ["a.jpg", "b.png"]
+    assert (out / "gradcam_images.png").is_file()
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "photos" / "a.jpg",
+                     "--top-k", "11", "--device", "cpu")
+    assert res.returncode == 1 and "--top-k 11 is more than the checkpoint's 10 classes" in res.stderr
+    res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--image", tmp_path / "photos" / "notes.txt",
+                     "--device", "cpu", "--out", out)
+    assert res.returncode == 1 and not (out / "gradcam_images.png").exists()
+    assert json.loads((out / "gradcam_images.json").read_text())["images"] == []

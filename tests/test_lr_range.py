@@ -180,3 +180,37 @@ def test_progress_is_called_after_every_step():
 def test_cli_num_iter_below_two_is_one_message(value, tmp_path):
     res = run_script("lr_range.py", "--num-iter", value, "--out", tmp_path, timeout=60)
     assert res.returncode == 2 and "argument --num-iter: must be at least 2" in res.stderr
+
+
+def _sweep_in_a_process(rank, world, port, out):
+    """One torchrun-like process: rank 1's loss explodes at step 6, rank 0's never does."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    values = [2.0] * 6 + ([1e6] * 14 if rank == 1 else [1.5] * 14)
+
+    def mean_loss(loss):
+        dist.all_reduce(loss)
+        return loss / world
+
+    result = scripted_run(values, num_iter=20, mean_loss=mean_loss)
+    (out / f"rank{rank}.json").write_text(json.dumps(result.to_dict()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_processes_that_average_their_loss_take_the_same_number_of_steps(tmp_path):
+    """Alone, rank 1 would stop at its explosion and rank 0 sweep on, leaving rank 0's next
+    collective call waiting; with mean_loss both follow one curve and stop at the same step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sweep_in_a_process, args=(2, port, tmp_path), nprocs=2)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0["lrs"]) == len(rank1["lrs"]) == 7 and rank0["diverged"] and rank1["diverged"]
+    assert rank0["losses"] == rank1["losses"]

@@ -489,7 +489,8 @@ def test_warm_up_leaves_no_trace(cifar):
     assert state.scaler.is_enabled()
     before = copy.deepcopy(state.checkpoint())
     criterion = torch.nn.CrossEntropyLoss()
-    batches = train.epoch_batches(images, labels, batch_size=32, epoch=0, generator=data.device_generator(images.device, 5))
+    batches = train.epoch_batches(images, labels, batch_size=32, epoch=0,
+                                  generator=data.device_generator(images.device, 5))
     stepped = []
 
     def train_steps(n):
