@@ -23,16 +23,21 @@ import data
 from resnet import ResNet18
 
 
+RULES = ("steepest", "minimum", "minimum/3", "minimum/10", "valley")  # ways to read a peak LR off the curve
+DEFAULT_RULE = "steepest"  # train.py --max-lr auto's (the README's Recipes say why)
+
+
 @dataclass
 class LRRangeResult:
     """The sweep: each step's LR and loss, the loss smoothed, and the LRs read off the smoothed
-    curve (set by suggest()): the steepest descent (the suggestion), the minimum, a tenth of it."""
+    curve by suggest(): `picks` holds every rule's, `suggested_lr` the one of `rule`."""
     lrs: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     smoothed: list = field(default_factory=list)
+    rule: str = "steepest"
     suggested_lr: float = float("nan")
     min_loss_lr: float = float("nan")
-    min_loss_lr_div10: float = float("nan")
+    picks: dict = field(default_factory=dict)
     diverged: bool = False
     step_mode: str = "exp"
 
@@ -44,11 +49,14 @@ class LRRangeResult:
         self.smoothed.append(smoothed)
         return smoothed
 
-    def suggest(self, skip_start=10, skip_end=5):
-        """The steepest slope of the smoothed curve on its way down to the minimum. The noisy first
-        skip_start and last skip_end points are ignored, as in torch-lr-finder; the search stops at
-        the minimum, since with label smoothing a curve that has blown up can drift down again at
-        absurd LRs without reaching the divergence threshold, and that is no usable peak LR."""
+    def suggest(self, rule=None, skip_start=10, skip_end=5):
+        """Every rule's LR on the smoothed curve, and the suggestion by `rule` (default self.rule):
+        steepest, the steepest slope on the way down to the minimum (torch-lr-finder's; the noisy
+        first skip_start and last skip_end points ignored, and nothing past the minimum, where a
+        blown-up curve with label smoothing can drift down again); minimum, the lowest loss, and a
+        third and a tenth of it; valley, fastai's: the longest falling run of the curve, read at the
+        middle of its second third."""
+        self.rule = rule or self.rule
         if not self.lrs:
             return self
         curve = np.array([s if math.isfinite(s) else math.inf for s in self.smoothed])
@@ -57,9 +65,23 @@ class LRRangeResult:
             skip_start, skip_end = 0, 0
         stop = min(len(curve) - skip_end, lowest + 1)
         steepest = lowest if stop - skip_start < 2 else skip_start + int(np.gradient(curve[skip_start:stop]).argmin())
-        self.suggested_lr, self.min_loss_lr = self.lrs[steepest], self.lrs[lowest]
-        self.min_loss_lr_div10 = self.min_loss_lr / 10
+        low = self.lrs[lowest]
+        self.picks = {"steepest": self.lrs[steepest], "minimum": low, "minimum/3": low / 3, "minimum/10": low / 10,
+                      "valley": self.lrs[self.valley(curve)]}
+        self.suggested_lr, self.min_loss_lr = self.picks[self.rule], low
         return self
+
+    @staticmethod
+    def valley(curve):
+        """fastai's valley: the longest run of ever lower losses (a decreasing subsequence, by
+        dynamic programming), taken at its start + 1/3 + 1/6 of its length."""
+        length, best_end = [1] * len(curve), 0
+        for i in range(1, len(curve)):
+            length[i] = 1 + max([length[j] for j in range(i) if curve[j] > curve[i]], default=0)
+            best_end = i if length[i] > length[best_end] else best_end
+        start = best_end - length[best_end] + 1
+        third = (best_end - start) / 3
+        return start + int(third) + int(third / 2)
 
     def to_dict(self):
         return asdict(self)
@@ -125,8 +147,8 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
 
 
 def plot_lr_range(result, path=None):
-    """Loss against LR (log axis for the exponential sweep) with the suggestion marked; returns the
-    Figure (a notebook shows it) and writes it to path as a PNG when one is given."""
+    """Loss against LR (log axis for the exponential sweep) with every rule's LR marked and the pick
+    ringed; returns the Figure (a notebook shows it) and writes it to path as a PNG when one is given."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
@@ -134,11 +156,13 @@ def plot_lr_range(result, path=None):
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
     if result.lrs:
-        i = result.lrs.index(result.suggested_lr)
-        ax.plot(result.suggested_lr, result.smoothed[i], "o", color="C3", ms=8,
-                label=f"steepest slope: {result.suggested_lr:.2e}")
-        ax.axvline(result.min_loss_lr, color="C2", ls="--", lw=1, label=f"minimum loss: {result.min_loss_lr:.2e}")
         finite = [s for s in result.smoothed if math.isfinite(s)]
+        scale = np.log if result.step_mode == "exp" else (lambda v: v)
+        for n, (name, lr) in enumerate(result.picks.items()):
+            on_curve = np.interp(scale(lr), scale(np.array(result.lrs)), np.nan_to_num(result.smoothed, posinf=1e9))
+            pick = name == result.rule
+            ax.plot(lr, on_curve, "o" if pick else "x", color=f"C{n + 1}", ms=10 if pick else 7,
+                    mfc="none" if pick else None, mew=2, label=f"{name}: {lr:.2e}" + " (the pick)" * pick)
         ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), min(max(finite), 2.5 * finite[0]) * 1.05)
     if result.step_mode == "exp":
         ax.set_xscale("log")
@@ -205,6 +229,8 @@ def build_parser():
                    help="mixed precision where supported (default on)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; the sweep is the one train.py --max-lr auto runs with this --seed (default 0)")
+    p.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                   help=f"how the suggestion is read off the curve (default {DEFAULT_RULE}, as train.py --max-lr auto)")
     p.add_argument("--out", default="lr_range", help="folder for lr_range.png and lr_range.json (default ./lr_range)")
     return p
 
@@ -235,11 +261,11 @@ def main(argv=None):
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                            batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
                            step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
-                           progress=progress_printer(args.num_iter))
+                           progress=progress_printer(args.num_iter)).suggest(args.rule)
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
-    print(f"suggested max LR (steepest slope): {result.suggested_lr:.3g}; minimum loss at {result.min_loss_lr:.3g}, "
-          f"a tenth of that is {result.min_loss_lr_div10:.3g}")
+    print("LRs read off the smoothed curve: " + ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()))
+    print(f"suggested max LR ({result.rule}): {result.suggested_lr:.3g}")
     print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
     return result
 

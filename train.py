@@ -229,6 +229,8 @@ def build_parser():
         help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default: sgd {BASE_LR['sgd']:g}, adam "
              f"{BASE_LR['adam']:g}, x batch size / {BASE_BATCH}, the linear scaling rule)")
     add("--lr-range-steps", type=common.int_at_least(2), default=100, help="steps of --max-lr auto's test (100)")
+    add("--lr-range-rule", choices=lr_range.RULES, default=lr_range.DEFAULT_RULE,
+        help=f"how --max-lr auto reads the peak off the range test's curve (default {lr_range.DEFAULT_RULE})")
     add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
     add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
     add("--bn-wd", action=argparse.BooleanOptionalAction, default=True,
@@ -368,9 +370,11 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
     result = lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
                                     amp_dtype=run.dtype, transform=augment,
                                     mean_loss=lambda loss: run.all_reduce(loss) / run.world)
+    result.suggest(args.lr_range_rule)
     if run.rank == 0:
         lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
-    run.log(f"LR range test suggests max LR {result.suggested_lr:.4g} (minimum loss at {result.min_loss_lr:.4g})")
+    run.log(f"LR range test: max LR {result.suggested_lr:.4g} by the {result.rule} rule (" +
+            ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()) + ")")
     return result.suggested_lr, result.to_dict()
 
 
