@@ -10,8 +10,11 @@ requirements.txt and the checkpoint, named best.pt or model.pt, in the Space. It
 `python app.py` and finds the checkpoint beside it; CIFAR-10 is downloaded on first use.
 """
 import argparse
+import hashlib
+import io
 import os
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -56,6 +59,20 @@ def shown(picture, cam=None, alpha=0.5):
     return (big.clip(0, 1) * 255).round().astype("uint8")
 
 
+def png_file(picture, folder):
+    """A uint8 picture as a PNG file in folder, named by its content and written atomically: Gradio
+    caches an array by rewriting its PNG in place, which a concurrent download of the same picture
+    (two users, one test image) can catch half written; a file it copies atomically."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="png")
+    path = os.path.join(folder, hashlib.sha1(buffer.getvalue()).hexdigest() + ".png")
+    if not os.path.exists(path):
+        common.save_atomic(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
 def with_article(name):
     return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
@@ -69,6 +86,7 @@ class Demo:
         self.ckpt, self.data_dir = ckpt, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
         self.lock, self.test, self.probs = threading.RLock(), None, None
+        self.folder = tempfile.mkdtemp(prefix="cifar10-demo-")  # the pictures it serves
 
     def test_set(self):
         """CIFAR-10's test images and labels, loaded (and downloaded) once."""
@@ -96,7 +114,8 @@ class Demo:
         picture = image.permute(1, 2, 0).numpy() / 255
         (name, cam), = result["maps"].items()
         caption = f"Grad-CAM on {layer} for '{name}': " + gradcam.evidence(cam, "where the model saw it")
-        return dict(result["top"]), shown(picture), shown(picture, cam, alpha), caption
+        return (dict(result["top"]), png_file(shown(picture), self.folder),
+                png_file(shown(picture, cam, alpha), self.folder), caption)
 
     def explain_upload(self, path, layer, alpha, top_k):
         if path is None:
@@ -141,7 +160,7 @@ class Demo:
         maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, probs[chosen].argmax(1))
         pictures = images[chosen].permute(0, 2, 3, 1).numpy() / 255
         gap = np.full((SHOWN, SHOWN // 16, 3), 255, dtype=np.uint8)
-        gallery = [(np.concatenate([shown(p), gap, shown(p, m, alpha)], axis=1),
+        gallery = [(png_file(np.concatenate([shown(p), gap, shown(p, m, alpha)], axis=1), self.folder),
                     f"{self.classes[int(labels[i])]} taken for {self.classes[int(probs[i].argmax())]} "
                     f"({100 * float(probs[i].max()):.0f}%)")
                    for p, m, i in zip(pictures, maps.cpu().numpy(), chosen)]

@@ -109,7 +109,7 @@ def test_every_control_re_runs_what_the_page_shows(small_cifar, tmp_path):
     for layer, alpha, top_k in [("layer2", 0.3, 2), ("layer4", 0.9, 5)]:
         upload = demo.explain_upload(str(tmp_path / "cat.png"), layer, alpha, top_k)
         again = demo.explain_shown("upload", str(tmp_path / "cat.png"), 3, layer, alpha, top_k)
-        assert upload[0] == again[0] and len(again[0]) == top_k and (upload[2] == again[2]).all()
+        assert upload[0] == again[0] and len(again[0]) == top_k and upload[2] == again[2]  # the same PNG
         assert again[3].startswith(f"cat.png. Grad-CAM on {layer}")
         test = demo.explain_shown("test", str(tmp_path / "cat.png"), 3, layer, alpha, top_k)
         assert test[3].startswith("Test image 3, ") and test[4] == "test"
@@ -123,3 +123,16 @@ def test_a_busy_port_is_one_sentence_about_port(served):
     res = run_script("app.py", "--ckpt", folder / "best.pt", "--device", "cpu", "--port", port, timeout=180)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert f"cannot serve on port {port}, it is busy; pass --port with a free one" in res.stderr
+
+
+def test_several_clients_at_once_get_the_answers_one_client_gets_alone(served):
+    """results/app/load.py's load test, bounded to 15 s with 3 clients: every answer (top classes,
+    caption, overlay pixels) equals the one asked alone, and none fails."""
+    sys.path.insert(0, str(REPO / "results" / "app"))
+    import load
+    from PIL import Image
+
+    url, folder = served
+    Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()).save(folder / "upload.png")
+    result = load.load(url, str(folder / "upload.png"), clients=3, seconds=15)
+    assert result["errors"] == [] and result["wrong"] == [] and result["answers"] >= 3

@@ -1,0 +1,79 @@
+"""The web demo in a real headless Chromium, driven through Playwright as a person uses it: the page
+loads with a test image, an upload is explained, each control changes what is shown, a bad index
+says the range, the misclassified tab answers in seconds, and a phone-size screen shows it all.
+Skipped, with the reason, where Gradio, Playwright or Debian's chromium is missing (.ci/run
+installs them); Playwright's own browser download is not used."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from test_app import served  # noqa: F401  (the fixture: app.py on a random checkpoint and 100 test images)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser():
+    sync = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install -r requirements-dev.txt")
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip("needs Chromium (Debian's package chromium: apt-get install chromium)")
+    with sync.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+def caption_text(page):
+    return page.locator(".prose").filter(has_text="Grad-CAM on").or_(
+        page.locator(".prose").filter(has_text="Pick a test image")).first.inner_text()
+
+
+def wait_for_caption(page, starts):
+    page.wait_for_function("s => [...document.querySelectorAll('.prose')].some(e => e.innerText.startsWith(s))",
+                           arg=starts, timeout=60_000)
+
+
+def test_a_person_uses_the_page(served, browser):  # noqa: F811
+    """Screenshots go to $DEMO_SCREENSHOTS (the README's were taken so, on a trained checkpoint),
+    else beside the served checkpoint."""
+    from PIL import Image
+
+    url, folder = served
+    shots = os.environ.get("DEMO_SCREENSHOTS", str(folder))
+    image = torch.randint(0, 256, (40, 56, 3), dtype=torch.uint8).numpy()
+    Image.fromarray(image).save(folder / "photo.png")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    wait_for_caption(page, "Test image 0, ")  # shown on load
+
+    page.locator("input[type=file]").first.set_input_files(str(folder / "photo.png"))
+    wait_for_caption(page, "photo.png. Grad-CAM on layer3")
+    page.get_by_label("Grad-CAM layer").click()
+    page.get_by_role("option", name="layer2").click()
+    wait_for_caption(page, "photo.png. Grad-CAM on layer2")  # the control re-ran the upload
+    page.screenshot(path=os.path.join(shots, "screenshot.png"), full_page=True)
+
+    index = page.get_by_label("Or a test image: its index (0 to 9,999)")
+    for typed in ("", "100", "-1"):
+        index.fill(typed)
+        index.press("Enter")
+        wait_for_caption(page, "Pick a test image by its index: a whole number from 0 to 99.")
+    index.fill("7")
+    page.get_by_role("button", name="Show the test image").click()
+    wait_for_caption(page, "Test image 7, ")
+
+    page.get_by_role("tab", name="Misclassified test images").click()
+    page.get_by_role("button", name="Show misclassified images").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.prose')].some("
+                           "e => e.innerText.includes('test images misclassified'))", timeout=20_000)
+    assert page.locator(".gallery img, button.thumbnail-item img, .grid-container img").count() >= 1
+
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(url)
+    wait_for_caption(phone, "Test image 0, ")
+    phone.screenshot(path=os.path.join(shots, "screenshot-phone.png"), full_page=True)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # nothing wider than the screen
