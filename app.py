@@ -80,17 +80,18 @@ def with_article(name):
 class Demo:
     """The checkpoint's model and the test set, and what each control of the page asks of them.
     Gradio runs events in parallel threads: GradCAM and the model's forward are safe so, and the
-    test set and its predictions, made once, are guarded by a lock."""
+    test set and its predictions, each made once, are guarded by a lock of their own (the page's
+    test images do not wait for the predictions)."""
 
     def __init__(self, ckpt, data_dir="./data", device="auto"):
         self.ckpt, self.data_dir = ckpt, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
-        self.lock, self.test, self.probs = threading.RLock(), None, None
+        self.test_lock, self.probs_lock, self.test, self.probs = threading.Lock(), threading.Lock(), None, None
         self.folder = tempfile.mkdtemp(prefix="cifar10-demo-")  # the pictures it serves
 
     def test_set(self):
         """CIFAR-10's test images and labels, loaded (and downloaded) once."""
-        with self.lock:
+        with self.test_lock:
             if self.test is None:
                 images, labels, _ = data.load_cifar10(self.data_dir, "test", download=True, expect_full=False)
                 self.test = images, labels
@@ -99,7 +100,7 @@ class Demo:
     def predictions(self, log=None):
         """Every test image's class probabilities, computed once (app.py starts it at launch, with
         progress in the log, so the misclassified tab answers in seconds)."""
-        with self.lock:
+        with self.probs_lock:
             if self.probs is None:
                 images, _ = self.test_set()
                 device = next(self.model.parameters()).device

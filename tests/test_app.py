@@ -19,8 +19,7 @@ def test_without_gradio_app_py_says_so_in_one_sentence():
     res = run_script("-c", "import runpy, sys; sys.modules['gradio'] = None; sys.argv = ['app.py']; "
                      "runpy.run_path('app.py', run_name='__main__')", timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == "error: app.py needs Gradio, an optional extra of this project: " \
-                                 "pip install -r requirements-app.txt"
+    assert len(res.stderr.strip().splitlines()) == 1 and "pip install -r requirements-app.txt" in res.stderr
 
 
 def free_port():

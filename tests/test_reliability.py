@@ -185,8 +185,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_sentence_and_leaves_no_temp_file
     with pytest.raises(common.DiskFull) as full:
         tiny_fit(cifar, tmp_path / "run", epochs=1, overwrite=True)
     message = str(full.value)
-    assert message.startswith(f"no space left on the disk of {tmp_path / 'run'} while writing ")
-    assert "a checkpoint needs about 89 MB, and room for one more while it is written" in message
+    assert str(tmp_path / "run") in message and "no space left" in message and "89 MB" in message
     assert "\n" not in message and not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
     assert (tmp_path / "run" / "last.pt").read_bytes() == last  # the earlier file is whole
 
@@ -233,8 +232,8 @@ def test_a_non_finite_test_loss_stops_the_run_before_it_is_saved(cifar, tmp_path
     monkeypatch.setattr(train, "test_result", nan_from_epoch_2)
     with pytest.raises(plumbing.NonFiniteLoss) as stopped:
         tiny_fit(cifar, tmp_path / "run", epochs=2)
-    assert f"the test loss became non-finite after epoch 2; the last good checkpoint, epoch 1, is kept in " \
-           f"{tmp_path / 'run' / 'last.pt'}" in str(stopped.value)
+    assert "non-finite after epoch 2" in str(stopped.value) and "epoch 1" in str(stopped.value)
+    assert str(tmp_path / "run" / "last.pt") in str(stopped.value)
     assert common.load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 1
     assert common.load_checkpoint(str(tmp_path / "run" / "best.pt"))["epoch"] == 1
     assert len(strict_json(tmp_path / "run" / "metrics.json")["epochs"]) == 1

@@ -287,8 +287,7 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
     with pytest.raises(common.UserError, match="truncated or corrupt"):
         common.load_checkpoint(str(tmp_path / "cut.pt"))
     other = {"model": ResNet18(num_classes=100).state_dict(), "classes": list(data.CLASSES)}
-    with pytest.raises(common.UserError, match=r"does not fit a CIFAR ResNet18 with 10 classes \(its parameter "
-                                                r"shapes differ\); use a checkpoint written by train.py$"):
+    with pytest.raises(common.UserError, match=r"does not fit a CIFAR ResNet18 with 10 classes.*shapes.*train.py"):
         common.model_from_checkpoint(other)
     with pytest.raises(common.UserError, match="does not exist"):
         common.load_checkpoint(str(tmp_path / "none.pt"))
