@@ -225,7 +225,15 @@ def main(argv=None):
                                                             "sets its own)")
     parser.add_argument("--port", type=common.positive_int, default=None, help="port (default 7860, or Gradio's "
                                                                                 "GRADIO_SERVER_PORT)")
+    parser.add_argument("--export", metavar="FILE", help="write the checkpoint's weights alone to FILE (about 45 MB, "
+                                                         "for a Space: no optimizer state) and exit")
     args = parser.parse_args(argv)
+    if args.export:
+        try:
+            export(find_checkpoint(args.ckpt), args.export)
+        except common.UserError as e:
+            sys.exit(f"error: {e}")
+        return
     try:
         import gradio as gr
     except ImportError:
@@ -244,6 +252,17 @@ def main(argv=None):
             raise
         sys.exit(f"error: cannot serve on port {args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)}, it is "
                  f"busy; pass --port with a free one")
+
+
+def export(ckpt, path):
+    """The serving part of a train.py checkpoint (weights, classes, normalization, whether its run
+    tested with flip TTA), without the optimizer's state that doubles its size."""
+    state = common.load_checkpoint(ckpt)
+    common.model_from_checkpoint(state, "cpu", ckpt)  # refuse what could not be served
+    kept = {key: state[key] for key in ("model", "classes", "mean", "std", "arch") if key in state}
+    kept["args"] = {"tta": bool((state.get("args") or {}).get("tta", False))}
+    common.save_atomic(path, lambda f: torch.save(kept, f))
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB) from {ckpt}")
 
 
 def score_test_set(demo):

@@ -135,3 +135,22 @@ def test_several_clients_at_once_get_the_answers_one_client_gets_alone(served):
     Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()).save(folder / "upload.png")
     result = load.load(url, str(folder / "upload.png"), clients=3, seconds=15)
     assert result["errors"] == [] and result["wrong"] == [] and result["answers"] >= 3
+
+
+def test_export_writes_the_weights_alone_and_the_demo_serves_them(cifar, tmp_path):
+    """A train.py checkpoint carries SGD's momentum (about 89 MB); the exported file keeps what
+    serving needs, in about half, and explains exactly as the checkpoint does."""
+    from test_train import tiny_fit
+
+    import app
+
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, limit_test=50)
+    res = run_script("app.py", "--ckpt", tmp_path / "run" / "best.pt", "--export", tmp_path / "model.pt", timeout=120)
+    assert res.returncode == 0 and "wrote" in res.stdout, res.stderr
+    full, exported = (os.path.getsize(tmp_path / name) for name in ("run/best.pt", "model.pt"))
+    assert exported < 0.6 * full and "optimizer" not in torch.load(tmp_path / "model.pt", weights_only=True)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    answers = [app.Demo(str(path), str(cifar), "cpu").explain(image, "layer3", 0.5, 3)
+               for path in (tmp_path / "run" / "best.pt", tmp_path / "model.pt")]
+    assert answers[0][0] == answers[1][0]  # the same top classes
+    assert os.path.basename(answers[0][2]) == os.path.basename(answers[1][2])  # the same overlay (named by content)
