@@ -178,8 +178,8 @@ def build_page(demo, gr):
                     f"classes: {', '.join(demo.classes)}. Images are brought to 32 x 32 as the model saw CIFAR-10.")
         with gr.Row():
             layer = gr.Dropdown(list(LAYERS), value="layer3", label="Grad-CAM layer")
-            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
-            top_k = gr.Slider(1, len(demo.classes), value=3, step=1, label="Classes to list")
+            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
+            top_k = gr.Slider(1, len(demo.classes), value=3, step=1, label="Classes to list", elem_id="top-k")
         source = gr.State("test")  # what the first tab shows: "upload" or "test"
         with gr.Tab("Any image"):
             with gr.Row():
@@ -188,9 +188,9 @@ def build_page(demo, gr):
                     index = gr.Number(value=0, precision=0, label="Or a test image: its index (0 to 9,999)")
                     show_test = gr.Button("Show the test image")
             with gr.Row():
-                classes = gr.Label(label="Top classes")
+                classes = gr.Label(label="Top classes", elem_id="top-classes")
                 picture = gr.Image(label="As the model sees it (32 x 32)", format="png")
-                heat = gr.Image(label="Grad-CAM overlay", format="png")
+                heat = gr.Image(label="Grad-CAM overlay", format="png", elem_id="overlay")
             caption = gr.Markdown()
             outputs = [classes, picture, heat, caption, source]
             controls = [layer, alpha, top_k]

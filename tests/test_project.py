@@ -170,3 +170,23 @@ def test_readme_and_docstring_counts_match_the_code():
              and "shortcut" not in name]
     upto_layer3 = sum(not name.startswith("layer4") for name in names)
     assert f"after {upto_layer3} of the {len(names)} convolutions on the main path" in gradcam.__doc__
+
+
+def test_readme_results_match_the_committed_runs():
+    """Every number of the README's H200 table, the gap to the spec's recipe and the auto run's
+    accuracy, against results/gpu/summary.json and the run's metrics.json (epoch 20)."""
+    readme = (REPO / "README.md").read_text()
+    batch = json.loads((REPO / "results/gpu/summary.json").read_text())["batches"]["h200-2026-11-30"]
+    rows = {"peak LR 0.4": "lr0.4", "batch 256": "b256", "label smoothing 0.2": "ls0.2", "default of that day":
+            "default", "no decay on BN": "nobnwd", "all four levers": "levers", "alternating flips": "altflip",
+            "spec's recipe": "spec-recipe"}
+    for start, recipe in rows.items():
+        row = next(line for line in readme.splitlines() if line.startswith(("| " + start, "| **" + start)))
+        for key in ("final_test_acc", "final_test_acc_tta"):
+            acc = batch[recipe][key]
+            assert f"{acc['mean']:.2f}%" in row and f"({acc['min']:.2f} to {acc['max']:.2f})" in row, (recipe, key)
+    gap = batch["lr0.4"]["final_test_acc_tta"]["mean"] - batch["spec-recipe"]["final_test_acc"]["mean"]
+    assert f"tested **{gap:.2f} points**" in readme
+    auto = json.loads((REPO / "results/gpu/h100/spec-recipe-auto/metrics.json").read_text())
+    peak = f"{auto['max_lr']:.1e}".replace("e-0", "e-")  # 1.7e-4, as the README writes it
+    assert f"got a peak of {peak} and {auto['final_test_acc']:.2f}%" in readme.replace("\n", " ")
