@@ -182,7 +182,8 @@ def load_data(run):
 def build_model(run, num_classes):
     """ResNet18 on the device, channels_last, from the init stream; SyncBatchNorm with --sync-bn."""
     torch.manual_seed(run.args.seed)  # the init stream
-    net = ResNet18(num_classes=num_classes).to(run.device, memory_format=torch.channels_last)
+    net = ResNet18(num_classes=num_classes, zero_init_residual=run.args.zero_init_residual)
+    net = net.to(run.device, memory_format=torch.channels_last)
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if run.args.sync_bn and run.world > 1 else net
 
 

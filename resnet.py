@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, num_blocks, num_classes=10):
+    def __init__(self, block, num_blocks, num_classes=10, zero_init_residual=False):
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -46,6 +46,10 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
+        if zero_init_residual:  # each block starts as its shortcut (Goyal et al. 2017)
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
 
     def _make_layer(self, block, planes, num_blocks, stride):
         layers = []
@@ -61,8 +65,8 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def ResNet18(num_classes=10):
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+def ResNet18(num_classes=10, zero_init_residual=False):
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, zero_init_residual)
 
 
 def summary(model, input_size=(1, 3, 32, 32)):

@@ -141,11 +141,15 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-def one_cycle(optimizer, max_lr, total_steps, pct_start=0.25):
-    """OneCycle: up to max_lr over pct_start of the steps, then cosine down to nearly 0, momentum
-    cycled inversely (0.95 to 0.85). Very short runs keep one step of warm-up and one of descent."""
+def one_cycle(optimizer, max_lr, total_steps, pct_start=0.25, *, div_factor=25.0, final_div_factor=1e4,
+              anneal="cos"):
+    """OneCycle: from max_lr / div_factor up to max_lr over pct_start of the steps, then down (cosine
+    or linear) to max_lr / div_factor / final_div_factor, momentum cycled inversely (0.95 to 0.85).
+    Very short runs keep one step of warm-up and one of descent."""
     pct_start = min(max(pct_start, 2 / total_steps), 1 - 1 / total_steps)
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total_steps, pct_start=pct_start)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total_steps, pct_start=pct_start,
+                                               div_factor=div_factor, final_div_factor=final_div_factor,
+                                               anneal_strategy=anneal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +236,13 @@ def build_parser():
     add("--lr-range-rule", choices=lr_range.RULES, default=lr_range.DEFAULT_RULE,
         help=f"how --max-lr auto reads the peak off the range test's curve (default {lr_range.DEFAULT_RULE})")
     add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
+    add("--div-factor", type=common.positive_float, default=25.0,
+        help="OneCycle starts at the peak / this (default 25, torch's; 5 starts at 0.2 x the peak)")
+    add("--final-div-factor", type=common.positive_float, default=1e4,
+        help="OneCycle ends at the start / this (default 1e4, torch's)")
+    add("--anneal", choices=["cos", "linear"], default="cos", help="OneCycle's shape on the way down (default cos)")
+    add("--zero-init-residual", action="store_true",
+        help="start each residual block's last BatchNorm scale at zero (Goyal et al. 2017)")
     add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
     add("--bn-wd", action=argparse.BooleanOptionalAction, default=True,
         help="decay BatchNorm's scales and shifts and the classifier's bias too (default on)")
@@ -342,7 +353,8 @@ def new_state(run, net, max_lr, lr_range, classes):
     args = run.args
     optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd, bn_wd=args.bn_wd)
     steps = (args.limit_train or data.SPLIT_SIZE["train"]) // args.batch_size
-    scheduler = one_cycle(optimizer, max_lr, args.epochs * steps, args.pct_start)
+    scheduler = one_cycle(optimizer, max_lr, args.epochs * steps, args.pct_start, div_factor=args.div_factor,
+                          final_div_factor=args.final_div_factor, anneal=args.anneal)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
     return plumbing.TrainState(run, net, optimizer, scheduler, scaler, max_lr, lr_range, classes)
 

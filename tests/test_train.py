@@ -1,6 +1,7 @@
 import copy
 import itertools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -612,3 +613,44 @@ def test_an_enabled_grad_scaler_is_saved_and_resumed(cifar, tmp_path):
     saved = state.scaler.state_dict()
     assert saved["scale"] != 2.0 ** 20 or saved["_growth_tracker"] > 0  # three steps moved it
     assert resumed.scaler.state_dict() == saved
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_one_cycle_s_shape_follows_its_formula(anneal):
+    """Start at peak / div_factor, reach the peak after pct_start of the steps, end at start /
+    final_div_factor; on the way down, halfway is the mean of the two ends for both shapes, and a
+    quarter of the way down is 0.75 of the way (linear) or cos's (1 + cos(pi / 4)) / 2 of it."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
+    schedule = train.one_cycle(optimizer, 0.4, 100, 0.2, div_factor=5, final_div_factor=100, anneal=anneal)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    start, end, peak_step = 0.4 / 5, 0.4 / 5 / 100, 19  # the peak ends the first 20 steps
+    assert lrs[0] == pytest.approx(start) and lrs[-1] == pytest.approx(end) and lrs[peak_step] == pytest.approx(0.4)
+    assert max(lrs) == lrs[peak_step]
+    down = 99 - peak_step  # steps from the peak to the last
+    quarter = 0.75 if anneal == "linear" else (1 + math.cos(math.pi / 4)) / 2
+    assert lrs[peak_step + down // 2] == pytest.approx((0.4 + end) / 2, rel=1e-3)
+    assert lrs[peak_step + down // 4] == pytest.approx(end + quarter * (0.4 - end), rel=1e-3)
+
+
+def test_zero_init_residual_starts_each_block_as_its_shortcut():
+    torch.manual_seed(0)
+    net = ResNet18(zero_init_residual=True).eval()
+    x = torch.randn(2, 64, 8, 8)
+    block = net.layer1[0]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), torch.relu(block.shortcut(x) if len(block.shortcut) else x))
+    assert all(float(b.bn2.weight.abs().sum()) == 0 for b in net.modules() if hasattr(b, "bn2"))
+    assert float(ResNet18().layer1[0].bn2.weight.sum()) == 64  # off by default
+
+
+def test_onecycle_and_init_flags_reach_the_run(cifar, tmp_path):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, div_factor=5.0, anneal="linear",
+             zero_init_residual=True, tta=False)
+    ckpt = common.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.05 / 5)  # the run's peak / 5
+    assert ckpt["scheduler"].get("_anneal_func_type", "linear") == "linear"  # torch keeps it from 2.2 on
+    assert ckpt["args"]["zero_init_residual"] and ckpt["args"]["div_factor"] == 5.0

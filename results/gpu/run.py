@@ -38,6 +38,10 @@ RECIPES = {  # train.py flags beyond --data-dir, --out and --seed
     "default-compile": "--compile",
     "compile-ro": "--compile --compile-mode reduce-overhead",  # bench.py: 1.6x eager's images/s
     "b1024-compile-ro": "--batch-size 1024 --compile --compile-mode reduce-overhead",  # peak LR 0.8
+    "div5": "--div-factor 5",  # issue 33's levers: OneCycle from 0.2 x the peak, as the ResNet18 anchor
+    "linear": "--anneal linear",
+    "final-div100": "--final-div-factor 100",
+    "zero-res": "--zero-init-residual",
     "sgd-auto": "--max-lr auto",  # issue 38: the range test's pick against the hand-set 0.4
     "spec-auto": SPEC.replace("--max-lr 0.027", "--max-lr auto"),
     "spec-lr0.01": SPEC.replace("--max-lr 0.027", "--max-lr 0.01"),  # where Adam's best peak lies
