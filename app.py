@@ -83,11 +83,14 @@ class Demo:
     test set and its predictions, each made once, are guarded by a lock of their own (the page's
     test images do not wait for the predictions)."""
 
+    PATIENCE = 10  # seconds the misclassified tab waits for the launch's scoring before it says so
+
     def __init__(self, ckpt, data_dir="./data", device="auto"):
         self.ckpt, self.data_dir = ckpt, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
         self.test_lock, self.probs_lock, self.test, self.probs = threading.Lock(), threading.Lock(), None, None
         self.folder = tempfile.mkdtemp(prefix="cifar10-demo-")  # the pictures it serves
+        self.scored = "starting"  # how far the launch's scoring of the test set has come
 
     def test_set(self):
         """CIFAR-10's test images and labels, loaded (and downloaded) once."""
@@ -97,16 +100,26 @@ class Demo:
                 self.test = images, labels
             return self.test
 
-    def predictions(self, log=None):
+    def predictions(self, log=print, wait=None):
         """Every test image's class probabilities, computed once (app.py starts it at launch, with
-        progress in the log, so the misclassified tab answers in seconds)."""
-        with self.probs_lock:
+        progress in the log, so the misclassified tab answers in seconds). None when they are still
+        being computed after `wait` seconds (None: as long as it takes)."""
+        if not self.probs_lock.acquire(timeout=-1 if wait is None else wait):
+            return None
+        try:
             if self.probs is None:
                 images, _ = self.test_set()
                 device = next(self.model.parameters()).device
+
+                def progress(line, **kwargs):
+                    self.scored = line
+                    log(line, **kwargs)
+
                 self.probs = gradcam.predict(self.model, images.to(device), self.mean, self.std, tta=self.tta,
-                                             progress=log).cpu()
+                                             progress=progress).cpu()
             return self.probs
+        finally:
+            self.probs_lock.release()
 
     def explain(self, image, layer, alpha, top_k):
         """(top classes {name: p}, the 32 x 32 input, its overlay, a caption) for a uint8 image."""
@@ -155,15 +168,17 @@ class Demo:
             images, labels = self.test_set()
         except data.DataError as e:
             return [], f"The test set is not available here: {e}"
-        probs = self.predictions()
+        probs = self.predictions(wait=self.PATIENCE)
+        if probs is None:
+            return [], f"The test set is still being scored once at launch ({self.scored}); ask again in a moment."
         chosen = gradcam.misclassified(probs, labels, int(count), int(seed or 0))
         x = data.normalize(images[chosen], self.mean, self.std)
         maps, _ = gradcam.GradCAM(self.model, gradcam.find_layer(self.model, layer))(x, probs[chosen].argmax(1))
         pictures = images[chosen].permute(0, 2, 3, 1).numpy() / 255
         gap = np.full((SHOWN, SHOWN // 16, 3), 255, dtype=np.uint8)
         gallery = [(png_file(np.concatenate([shown(p), gap, shown(p, m, alpha)], axis=1), self.folder),
-                    f"{self.classes[int(labels[i])]} taken for {self.classes[int(probs[i].argmax())]} "
-                    f"({100 * float(probs[i].max()):.0f}%)")
+                    f"{self.classes[int(labels[i])]} → {self.classes[int(probs[i].argmax())]} "
+                    f"{100 * float(probs[i].max()):.0f}%")
                    for p, m, i in zip(pictures, maps.cpu().numpy(), chosen)]
         wrong = int((probs.argmax(1) != labels).sum())
         return gallery, (f"{wrong:,} of {len(labels):,} test images misclassified; each image beside its "
@@ -205,8 +220,8 @@ def build_page(demo, gr):
                 count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
                 seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
             show = gr.Button("Show misclassified images")
-            gallery = gr.Gallery(label="Actual taken for predicted: the image, then its Grad-CAM", columns=2,
-                                 height="auto")
+            gallery = gr.Gallery(label="Actual → predicted: the image, then its Grad-CAM", columns=2, height="auto",
+                                 object_fit="contain")
             summary = gr.Markdown()
             inputs = [count, seed, layer, alpha]
             show.click(demo.misclassified, inputs, [gallery, summary], api_name="misclassified")
@@ -269,7 +284,7 @@ def score_test_set(demo):
     """At launch, in the background: the predictions the misclassified tab needs, with progress."""
     try:
         print("Scoring the test set once for the misclassified tab ...", flush=True)
-        demo.predictions(log=print)
+        demo.predictions()
         print("Test set scored: the misclassified tab answers in seconds.", flush=True)
     except data.DataError as e:
         print(f"The test set is not available here ({e}); the misclassified tab will say so.", flush=True)

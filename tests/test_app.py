@@ -87,7 +87,7 @@ def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
         assert picture is None and caption == "Pick a test image by its index: a whole number from 0 to 99."
 
     gallery, summary = client.predict(4, 1, "layer3", 0.5, api_name="/misclassified")
-    assert len(gallery) == 4 and all(" taken for " in item["caption"] for item in gallery)
+    assert len(gallery) == 4 and all(" → " in item["caption"] for item in gallery)
     assert summary.endswith("of 100 test images misclassified; each image beside its Grad-CAM for the predicted "
                             "class.")
     item = gallery[0]["image"]
@@ -113,6 +113,12 @@ def test_every_control_re_runs_what_the_page_shows(small_cifar, tmp_path):
         test = demo.explain_shown("test", str(tmp_path / "cat.png"), 3, layer, alpha, top_k)
         assert test[3].startswith("Test image 3, ") and test[4] == "test"
     assert demo.explain_shown("upload", None, 5, "layer3", 0.5, 3)[3].startswith("Test image 5, ")
+    demo.PATIENCE = 0.2
+    with demo.probs_lock:  # the launch's scoring still under way: a sentence, not a wait
+        gallery, summary = demo.misclassified(4, 0, "layer3", 0.5)
+    assert gallery == [] and summary.startswith("The test set is still being scored once at launch (starting)")
+    gallery, summary = demo.misclassified(4, 0, "layer3", 0.5)
+    assert len(gallery) == 4 and "of 100 test images misclassified" in summary
     assert app.with_article("airplane") == "an airplane" and app.with_article("cat") == "a cat"
 
 

@@ -87,3 +87,7 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
     wait_for_caption(phone, "Test image 0, ")
     phone.screenshot(path=os.path.join(shots, "screenshot-phone.png"), full_page=True)
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # nothing wider than the screen
+    phone.get_by_role("tab", name="Misclassified test images").click()
+    phone.get_by_role("button", name="Show misclassified images").click()
+    phone.wait_for_function("() => document.querySelectorAll('button.thumbnail-item').length == 10", timeout=30_000)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1
