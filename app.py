@@ -89,7 +89,8 @@ class Demo:
         self.ckpt, self.data_dir = ckpt, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
         self.test_lock, self.probs_lock, self.test, self.probs = threading.Lock(), threading.Lock(), None, None
-        self.folder = tempfile.mkdtemp(prefix="cifar10-demo-")  # the pictures it serves
+        self.pictures = tempfile.TemporaryDirectory(prefix="cifar10-demo-")  # what it serves; removed at exit
+        self.folder = self.pictures.name
         self.scored = "starting"  # how far the launch's scoring of the test set has come
 
     def test_set(self):
