@@ -24,7 +24,6 @@ from resnet import ResNet18
 
 
 RULES = ("steepest", "minimum", "minimum/3", "minimum/10", "valley")  # ways to read a peak LR off the curve
-DEFAULT_RULE = "steepest"  # train.py --max-lr auto's (the README's Recipes say why)
 
 
 @dataclass
@@ -87,8 +86,12 @@ class LRRangeResult:
         return asdict(self)
 
 
+DEFAULT_RULE = LRRangeResult.rule  # train.py --max-lr auto's (the README's Recipes say why)
+
+
 def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr=10, num_iter=100, step_mode="exp",
-                  smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None, mean_loss=None):
+                  smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None, mean_loss=None,
+                  rule=None):
     """Sweep the LR from start_lr to end_lr (exactly) over num_iter training steps, exponentially or
     linearly; stop once the smoothed loss passes diverge_th x its best. Returns an LRRangeResult.
 
@@ -98,6 +101,7 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
     trains in mixed precision. progress(step, lr, loss), if given, is called after every step. Under
     torchrun, mean_loss(loss) averages a step's loss over the processes (an all-reduce): every process
     then follows one curve and stops at the same step, so no collective call is left waiting. The
+    suggestion is read off the curve by `rule` (LRRangeResult.suggest; None: the steepest slope). The
     model's weights and buffers, its train/eval mode and the optimizer's state are put back after.
     """
     if num_iter < 2 or step_mode not in ("exp", "linear") or not 0 < start_lr < end_lr:
@@ -143,7 +147,7 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
         optimizer.load_state_dict(saved[1])
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    return result.suggest()
+    return result.suggest(rule)
 
 
 def plot_lr_range(result, path=None):
@@ -261,7 +265,7 @@ def main(argv=None):
     result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                            batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
                            step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
-                           progress=progress_printer(args.num_iter)).suggest(args.rule)
+                           progress=progress_printer(args.num_iter), rule=args.rule)
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print("LRs read off the smoothed curve: " + ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()))

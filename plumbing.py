@@ -46,6 +46,11 @@ class Stopped(KeyboardInterrupt):
 # The run's context: arguments, device, processes, signals, log
 
 
+def ranks():
+    """(this process's rank, the number of processes) from torchrun's environment; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class Run:
     """What every part of a run needs: its arguments, the device and precision (after start()), this
     process's rank among torchrun's `world` processes, a log that only rank 0 prints, the stop
@@ -53,7 +58,7 @@ class Run:
 
     def __init__(self, args):
         self.args, self.started = args, time.perf_counter()
-        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.world = ranks()
         self.device, self.dtype, self.signum, self.tensorboard, self.handlers = None, None, None, None, {}
 
     def start(self):

@@ -160,7 +160,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     common.resolve_device(args.device, parser)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = plumbing.ranks()
     if not args.resume:
         try:
             plumbing.validate(args, world)
@@ -381,8 +381,8 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
     optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, bn_wd=args.bn_wd)
     result = lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
                                     amp_dtype=run.dtype, transform=augment,
-                                    mean_loss=lambda loss: run.all_reduce(loss) / run.world)
-    result.suggest(args.lr_range_rule)
+                                    mean_loss=lambda loss: run.all_reduce(loss) / run.world,
+                                    rule=args.lr_range_rule)
     if run.rank == 0:
         lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     run.log(f"LR range test: max LR {result.suggested_lr:.4g} by the {result.rule} rule (" +

@@ -5,11 +5,16 @@ Skipped, with the reason, where Gradio, Playwright or Debian's chromium is missi
 installs them); Playwright's own browser download is not used."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO
 from test_app import served  # noqa: F401  (the fixture: app.py on a random checkpoint and 100 test images)
+
+sys.path.insert(0, str(REPO / "results" / "app"))
+import screenshots  # noqa: E402  (its Chromium flags: no sandbox as root, no calls to the outside)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -20,9 +25,7 @@ def browser():
     if not os.path.isfile(CHROMIUM):
         pytest.skip("needs Chromium (Debian's package chromium: apt-get install chromium)")
     with sync.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=screenshots.CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 

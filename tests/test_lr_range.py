@@ -183,14 +183,11 @@ def test_cli_num_iter_below_two_is_one_message(value, tmp_path):
     assert res.returncode == 2 and "argument --num-iter: must be at least 2" in res.stderr
 
 
-def _sweep_in_a_process(rank, world, port, out):
+def _sweep_in_a_process(rank, world, out):
     """One torchrun-like process: rank 1's loss explodes at step 6, rank 0's never does."""
-    import os
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world)
     values = [2.0] * 6 + ([1e6] * 14 if rank == 1 else [1.5] * 14)
 
     def mean_loss(loss):
@@ -206,12 +203,7 @@ def _sweep_in_a_process(rank, world, port, out):
 def test_processes_that_average_their_loss_take_the_same_number_of_steps(tmp_path):
     """Alone, rank 1 would stop at its explosion and rank 0 sweep on, leaving rank 0's next
     collective call waiting; with mean_loss both follow one curve and stop at the same step."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sweep_in_a_process, args=(2, port, tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_sweep_in_a_process, args=(2, tmp_path), nprocs=2)  # a file store: no port to race for
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(rank0["lrs"]) == len(rank1["lrs"]) == 7 and rank0["diverged"] and rank1["diverged"]
     assert rank0["losses"] == rank1["losses"]
