@@ -1,12 +1,10 @@
 """What a training run needs besides its recipe (train.py): the run's context under torchrun, the state
-that last.pt keeps and resuming from it, stopping on Ctrl-C or SIGTERM, progress and the finite-loss
-check, the warm-up, metrics.json, curves.png and TensorBoard.
+that last.pt keeps and resuming from it, stopping, progress, the warm-up, metrics.json, curves.png.
 
 Stopping: the first Ctrl-C or SIGTERM (what schedulers and torchrun send) lets the current step
 finish; the run saves last.pt, mid-epoch if need be, prints how to resume and exits with 128 + the
-signal's number (130, 143). A second signal stops at once. Under torchrun the processes agree on
-stopping every STOP_CHECK_EVERY steps and at the end of each epoch, so all stop at one point, and
-rank 0 saves.
+signal's number. A second signal stops at once. Under torchrun the processes agree on stopping every
+STOP_CHECK_EVERY steps and after each epoch, so all stop at one point, and rank 0 saves.
 """
 import argparse
 import copy
@@ -97,7 +95,7 @@ class Run:
     def __enter__(self):
         """TensorBoard (rank 0, with --tensorboard), then the signal handlers: the first SIGINT or
         SIGTERM only records itself; a second one stops at once."""
-        self.tensorboard = TensorBoard(self.args.tensorboard if self.rank == 0 else None)
+        self.tensorboard = tensorboard_writer(self.args.tensorboard) if self.rank == 0 else None
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.handlers[signum] = signal.signal(signum, self._on_signal)
@@ -120,28 +118,19 @@ class Run:
     def __exit__(self, *exc):
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-class TensorBoard:
-    """A SummaryWriter when a folder is given, else nothing."""
-
-    def __init__(self, folder):
-        self.writer = None
-        if folder:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(folder)
-
-    def add(self, record):
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr") if self.writer else ():
-            self.writer.add_scalar(key, record[key], record["epoch"])
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
+def tensorboard_writer(folder):
+    """A SummaryWriter for --tensorboard's folder; None without one."""
+    if not folder:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +310,7 @@ class TrainState:
         and its sums so far go into a new last.pt; after an epoch, its last.pt is already saved.
         Rank 0 says how to go on; every process raises Stopped."""
         if stats is not None:
-            self.step, self.partial = stats["next_step"], epoch_totals(self.run, stats) + [stats["seconds"]]
+            self.step, self.partial = stats["next_step"], stats["totals"] + [stats["seconds"]]
             checkpoint = self.checkpoint()  # every process joins its gather
             if self.run.rank == 0:
                 self.save(["last.pt"], checkpoint)
@@ -333,12 +322,6 @@ class TrainState:
         if self.run.world > 1:
             dist.barrier()
         raise Stopped(signum)
-
-
-def epoch_totals(run, stats):
-    """[summed loss, correct, images] of the epoch so far, all processes' together."""
-    sums = stats["sums"]
-    return run.all_reduce(torch.cat([sums, sums.new_tensor([stats["seen"]])])).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,14 +391,12 @@ class StepWatch:
             self.handle.update({"text/plain": line}, raw=True)
 
     def summary(self, sums, seen):
-        """The epoch's sums, images and seconds, with those of the part before a resume (counted by
-        rank 0: they are all processes' together)."""
-        partial = self.state.partial or [0.0, 0.0, 0, 0.0]
-        loss_sum, correct, earlier = partial[:3] if self.run.rank == 0 else (0.0, 0.0, 0)
-        seconds = partial[3]
-        elapsed = time.perf_counter() - self.started
-        return {"sums": sums + torch.tensor([loss_sum, correct], device=sums.device), "seen": earlier + seen,
-                "seconds": seconds + elapsed, "started": self.started - seconds, "lr": self.last_lr,
+        """The epoch so far: [summed loss, correct, images] of all processes (a collective call) and
+        seconds, each with the part before a resume."""
+        before = self.state.partial or [0.0, 0.0, 0, 0.0]
+        totals = self.run.all_reduce(torch.cat([sums, sums.new_tensor([seen])])).tolist()
+        return {"totals": [now + earlier for now, earlier in zip(totals, before)], "lr": self.last_lr,
+                "seconds": before[3] + time.perf_counter() - self.started, "started": self.started - before[3],
                 "next_step": self.next_step}
 
 
@@ -440,13 +421,6 @@ def warm_up(train_steps, test, state, steps=3):
 # After an epoch: the record, the checkpoints, metrics.json, curves.png
 
 
-def check_test_loss(state, result):
-    """A non-finite test loss is a diverged run too: stop before it is saved as best.pt."""
-    if not math.isfinite(result["loss"]):
-        raise NonFiniteLoss(f"the test loss became non-finite after epoch {state.epoch + 1}; {state.kept()}. "
-                            f"Try a lower --max-lr (this run used {state.max_lr:.4g}).")
-
-
 def test_line(result):
     line = (f"Test set: Average loss: {result['loss']:.4f}, Accuracy: {result['correct']}/{result['total']} "
             f"({result['accuracy']:.2f}%)")
@@ -456,8 +430,13 @@ def test_line(result):
 
 
 def end_epoch(state, stats, result):
-    """Record the epoch in the history, then save best.pt, last.pt, metrics.json (rank 0)."""
-    loss_sum, correct, seen = epoch_totals(state.run, stats)
+    """Print the test result, record the epoch in the history, then save best.pt, last.pt,
+    metrics.json (rank 0). A non-finite test loss is a diverged run too: it stops before any save."""
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteLoss(f"the test loss became non-finite after epoch {state.epoch + 1}; {state.kept()}. "
+                            f"Try a lower --max-lr (this run used {state.max_lr:.4g}).")
+    state.run.log(test_line(result), flush=True)
+    loss_sum, correct, seen = stats["totals"]
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
                           "test_acc_tta": result.get("accuracy_tta"), "lr": stats["lr"],
@@ -472,7 +451,8 @@ def end_epoch(state, stats, result):
     state.save(["best.pt"] * improved + ["last.pt"], checkpoint)
     last = state.epoch == state.run.args.epochs
     write_metrics(state, result if last else None)
-    state.run.tensorboard.add(state.history[-1])
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr") if state.run.tensorboard else ():
+        state.run.tensorboard.add_scalar(key, state.history[-1][key], state.epoch)
     if last:
         print("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(state.classes,
                                                                                        result["per_class"])))

@@ -323,10 +323,7 @@ def run_epoch(state, model, criterion, batches, test):
     if run.world > 1:  # each process's BatchNorm statistics are its own: all test, and rank 0 saves, rank 0's
         for buffer in state.net.buffers():
             dist.broadcast(buffer, 0)
-    result = test()
-    plumbing.check_test_loss(state, result)
-    run.log(plumbing.test_line(result), flush=True)
-    plumbing.end_epoch(state, stats, result)
+    plumbing.end_epoch(state, stats, test())
     if state.epoch < run.args.epochs and run.stop_agreed():  # a finished run just finishes
         state.stop(f"after epoch {state.epoch}")
 
