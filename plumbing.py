@@ -426,6 +426,8 @@ def test_line(result):
             f"({result['accuracy']:.2f}%)")
     if "accuracy_tta" in result:
         line += f"; with flip TTA: {result['correct_tta']}/{result['total']} ({result['accuracy_tta']:.2f}%)"
+    if "accuracy_tta6" in result:
+        line += f"; six views: {result['correct_tta6']}/{result['total']} ({result['accuracy_tta6']:.2f}%)"
     return line + "\n"
 
 
@@ -439,7 +441,8 @@ def end_epoch(state, stats, result):
     loss_sum, correct, seen = stats["totals"]
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
-                          "test_acc_tta": result.get("accuracy_tta"), "lr": stats["lr"],
+                          "test_acc_tta": result.get("accuracy_tta"), "test_acc_tta6": result.get("accuracy_tta6"),
+                          "lr": stats["lr"],
                           "train_seconds": stats["seconds"], "seconds": time.perf_counter() - stats["started"],
                           "train_images": int(seen), "train_images_per_s": seen / stats["seconds"]})
     improved = result["accuracy"] > state.best_acc
@@ -460,7 +463,8 @@ def end_epoch(state, stats, result):
 
 def write_metrics(state, last_result=None):
     """metrics.json: the run's settings and every epoch; test_acc is a single view of each test
-    image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta)."""
+    image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta), test_acc_tta6
+    that of six views (None without --tta6)."""
     run, history, last = state.run, state.history, state.history[-1] if state.history else {}
     best = max(history, key=lambda h: h["test_acc"]) if history else {}
     per_class = {key: dict(zip(state.classes, (last_result or {})[key])) if key in (last_result or {}) else None
@@ -471,6 +475,7 @@ def write_metrics(state, last_result=None):
         "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(run.args), "epochs": history,
         "best_epoch": best.get("epoch"), "best_test_acc": best.get("test_acc"),
         "final_test_acc": last.get("test_acc"), "final_test_acc_tta": last.get("test_acc_tta"),
+        "final_test_acc_tta6": last.get("test_acc_tta6"),
         "train_seconds": sum(h["train_seconds"] for h in history),
         "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - run.started,
         "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],

@@ -93,47 +93,55 @@ def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dty
 
 
 @torch.no_grad()
-def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, pad=False, num_classes=10):
+def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, tta6=False, pad=False,
+              num_classes=10):
     """Per class, over uint8 test images: summed cross-entropy, correct predictions of one view,
-    correct predictions with flip TTA (the mean of the logits of the image and of its mirror, both
-    in one forward), and images. With pad a short last batch is padded to batch_size, so cuDNN
-    meets one shape only; eval-mode BatchNorm treats each image alone, so padding changes nothing."""
+    correct predictions with flip TTA (the mean of the logits of the image and of its mirror), with
+    six views (tta6: half that mean, half the mean of the image and its mirror each shifted by one
+    pixel along the diagonal, both ways, as airbench's TTA level 2), and images. All views go in one forward. With
+    pad a short last batch is padded to batch_size, so cuDNN meets one shape only; eval-mode
+    BatchNorm treats each image alone, so padding changes nothing."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, num_classes, device=images.device)
+    sums = torch.zeros(5, num_classes, device=images.device)
     for first in range(0, len(images), batch_size):
         x, y = data.normalize(images[first:first + batch_size]), labels[first:first + batch_size]
         if pad:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - len(x)))
-        views = torch.cat([x, x.flip(-1)]) if tta else x
+        views = [x, x.flip(-1)] if tta or tta6 else [x]
+        if tta6:
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = (padded[..., :-2, :-2], padded[..., 2:, 2:])
+            views += [view for image in shifted for view in (image, image.flip(-1))]
         with autocast(x.device, amp_dtype):
-            logits = model(views.contiguous(memory_format=torch.channels_last)).float()
-        one, mirrored = logits.chunk(2) if tta else (logits, logits)
-        one, mirrored = one[:len(y)], mirrored[:len(y)]
-        for row, value in enumerate([F.cross_entropy(one, y, reduction="none"), one.argmax(1) == y,
-                                     (one + mirrored).argmax(1) == y, torch.ones_like(y)]):
+            logits = model(torch.cat(views).contiguous(memory_format=torch.channels_last)).float()
+        logits = logits.unflatten(0, (len(views), -1))[:, :len(y)]
+        flip = logits[:2].mean(0)
+        six = (flip + logits[2:].mean(0)) / 2 if tta6 else flip
+        for row, value in enumerate([F.cross_entropy(logits[0], y, reduction="none"), logits[0].argmax(1) == y,
+                                     flip.argmax(1) == y, six.argmax(1) == y, torch.ones_like(y)]):
             sums[row].index_add_(0, y, value.to(sums.dtype))
     model.train(was_training)
     return sums
 
 
-def test_result(sums, tta=True):
-    """Mean loss, accuracy and per-class accuracy (and with tta their flip-TTA versions) from
-    test_sums, once all-reduced under torchrun."""
-    loss, correct, correct_tta, count = sums.double().cpu()
+def test_result(sums, tta=True, tta6=False):
+    """Mean loss, accuracy and per-class accuracy (and with tta or tta6 those of flip TTA or six
+    views) from test_sums, once all-reduced under torchrun."""
+    loss, *corrects, count = sums.double().cpu()
     n = max(int(count.sum()), 1)
-    result = {"loss": loss.sum().item() / n, "correct": int(correct.sum()), "total": int(count.sum()),
-              "accuracy": 100 * correct.sum().item() / n, "per_class": (100 * correct / count.clamp(min=1)).tolist()}
-    if tta:
-        result.update(correct_tta=int(correct_tta.sum()), accuracy_tta=100 * correct_tta.sum().item() / n,
-                      per_class_tta=(100 * correct_tta / count.clamp(min=1)).tolist())
+    result = {"loss": loss.sum().item() / n, "total": int(count.sum())}
+    for suffix, correct, scored in zip(("", "_tta", "_tta6"), corrects, (True, tta, tta6)):
+        if scored:
+            result.update({f"correct{suffix}": int(correct.sum()), f"accuracy{suffix}": 100 * correct.sum().item() / n,
+                           f"per_class{suffix}": (100 * correct / count.clamp(min=1)).tolist()})
     return result
 
 
-def evaluate(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, pad=False):
+def evaluate(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=True, tta6=False, pad=False):
     """Test loss and accuracy of a model on uint8 images and their labels, in one process."""
-    return test_result(test_sums(model, images, labels, batch_size=batch_size, amp_dtype=amp_dtype, tta=tta, pad=pad),
-                       tta)
+    sums = test_sums(model, images, labels, batch_size=batch_size, amp_dtype=amp_dtype, tta=tta, tta6=tta6, pad=pad)
+    return test_result(sums, tta, tta6)
 
 
 def autocast(device, amp_dtype):
@@ -264,6 +272,8 @@ def build_parser():
     add("--limit-test", type=common.positive_int, default=None, help="test on the first N images only")
     add("--tta", action=argparse.BooleanOptionalAction, default=True,
         help="also score each test image with its mirror, averaging the logits (default on)")
+    add("--tta6", action="store_true",
+        help="also score six views: the image, its mirror and one-pixel shifts of both (airbench's TTA level 2)")
     add("--eval-batch-size", type=common.positive_int, default=1024, help="test batch size (default 1024)")
     add("--tensorboard", metavar="DIR", default=None, help="also write TensorBoard scalars to DIR")
     return p
@@ -334,8 +344,8 @@ def run_test(run, model, test_x, test_y):
     share = -(-run.args.eval_batch_size // run.world)
     images, labels = test_x.tensor_split(run.world)[run.rank], test_y.tensor_split(run.world)[run.rank]
     sums = test_sums(model, images, labels, batch_size=share, amp_dtype=run.dtype, tta=run.args.tta,
-                     pad=run.device.type == "cuda")
-    return test_result(run.all_reduce(sums), run.args.tta)
+                     tta6=run.args.tta6, pad=run.device.type == "cuda")
+    return test_result(run.all_reduce(sums), run.args.tta, run.args.tta6)
 
 
 def batching(args):

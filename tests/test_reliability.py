@@ -64,11 +64,11 @@ def test_a_signal_during_the_last_test_lets_the_run_finish(cifar, tmp_path, monk
     instead of saving a 'resumable' finished run and printing a resume line."""
     result, calls = train.test_result, []
 
-    def signal_in_epoch_2(sums, tta=True):
+    def signal_in_epoch_2(sums, *args):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return result(sums, tta)
+        return result(sums, *args)
 
     monkeypatch.setattr(train, "test_result", signal_in_epoch_2)
     history = tiny_fit(cifar, tmp_path / "run", epochs=2)
@@ -224,9 +224,9 @@ def test_train_py_on_a_really_full_disk(cifar, tmp_path):
 def test_a_non_finite_test_loss_stops_the_run_before_it_is_saved(cifar, tmp_path, monkeypatch):
     result, calls = train.test_result, []
 
-    def nan_from_epoch_2(sums, tta=True):
+    def nan_from_epoch_2(sums, *args):
         calls.append(1)
-        scored = result(sums, tta)
+        scored = result(sums, *args)
         return {**scored, "loss": float("nan")} if len(calls) > 1 else scored
 
     monkeypatch.setattr(train, "test_result", nan_from_epoch_2)

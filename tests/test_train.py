@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 import common
 import data
@@ -430,10 +431,40 @@ def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
     assert "accuracy_tta" not in train.evaluate(model, images, labels, batch_size=16, tta=False)
 
 
+def test_six_view_tta_is_that_of_airbench_s_level_2():
+    """Against views made by torchvision (reflect padding by one pixel, crops at the two corners)
+    and scored one forward each: half the flip mean, half the mean of the four shifted views.
+    Labels are set to that prediction, so six views must score 100% while flip TTA scores less."""
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        x = data.normalize(images)
+        padded = TF.pad(x, [1], padding_mode="reflect")
+        shifted = [TF.crop(padded, top, top, 32, 32) for top in (0, 2)]
+        flip_mean = (model(x) + model(TF.hflip(x))) / 2
+        shifted_mean = sum(model(v) + model(TF.hflip(v)) for v in shifted) / 4
+    labels = ((flip_mean + shifted_mean) / 2).argmax(1)
+    assert (flip_mean.argmax(1) == labels).sum() < 64
+    result = train.evaluate(model, images, labels, batch_size=16, tta6=True)
+    assert result["correct_tta6"] == 64 and result["accuracy_tta6"] == 100
+    assert result["correct_tta"] == (flip_mean.argmax(1) == labels).sum()
+    assert "accuracy_tta6" not in train.evaluate(model, images, labels, batch_size=16)
+
+
+def test_tta6_scores_each_epoch_beside_the_other_columns(cifar, tmp_path, capsys):
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, tta6=True)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["epochs"][0]["test_acc_tta6"] <= 100
+    assert metrics["final_test_acc_tta6"] == metrics["epochs"][0]["test_acc_tta6"]
+    assert metrics["final_test_acc_tta"] is not None and "; six views: " in capsys.readouterr().out
+
+
 def test_no_tta_leaves_the_tta_fields_empty(cifar, tmp_path):
     tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, tta=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final_test_acc_tta"] is None and metrics["epochs"][0]["test_acc_tta"] is None
+    assert metrics["final_test_acc_tta6"] is None
 
 
 @pytest.mark.parametrize("bn_wd", [True, False])

@@ -187,9 +187,9 @@ def result_line(work, name):
         return ""
     if len(m["epochs"]) < m["args"]["epochs"]:
         return f"; stopped after {len(m['epochs'])} epochs"
-    tta = m.get("final_test_acc_tta")
-    return (f"; final {m['final_test_acc']:.2f}%{f' ({tta:.2f}% TTA)' if tta is not None else ''}, "
-            f"{m['train_seconds']:.1f} s of training")
+    columns = (("final_test_acc_tta", "TTA"), ("final_test_acc_tta6", "six views"))
+    views = ", ".join(f"{m[key]:.2f}% {name}" for key, name in columns if m.get(key) is not None)
+    return f"; final {m['final_test_acc']:.2f}%{f' ({views})' if views else ''}, {m['train_seconds']:.1f} s of training"
 
 
 def start_mps(batch):

@@ -30,7 +30,8 @@ def run_record(path):
     return {"batch": batch, "step": step, "recipe": re.sub(r"-seed\d+$", "", step), "seed": m["args"]["seed"],
             "device_name": m["device_name"], "args": m["args"], "max_lr": m["max_lr"],
             "epochs": len(m["epochs"]), "final_test_acc": m["final_test_acc"],
-            "final_test_acc_tta": m.get("final_test_acc_tta"), "best_test_acc": m["best_test_acc"],
+            "final_test_acc_tta": m.get("final_test_acc_tta"), "final_test_acc_tta6": m.get("final_test_acc_tta6"),
+            "best_test_acc": m["best_test_acc"],
             "final_train_acc": m["epochs"][-1]["train_acc"], "train_seconds": m["train_seconds"],
             "alone": alone}
 
@@ -47,6 +48,7 @@ def recipe_summary(runs):
     return {"runs": len(runs), "seeds": [r["seed"] for r in runs],
             "final_test_acc": spread(r["final_test_acc"] for r in runs),
             "final_test_acc_tta": spread(r["final_test_acc_tta"] for r in runs),
+            "final_test_acc_tta6": spread(r["final_test_acc_tta6"] for r in runs),
             "train_seconds_alone": [r["train_seconds"] for r in runs if r["alone"]]}
 
 
@@ -66,13 +68,13 @@ def main():
         for r in (r for r in runs if r["batch"] == batch):
             recipes.setdefault(r["recipe"], []).append(r)
         summary["batches"][batch] = {name: recipe_summary(rs) for name, rs in recipes.items()}
-        print(f"\n{batch}\n\n| recipe | seeds | epoch 20, one view: mean (range) | with flip TTA | "
-              f"train s, alone |\n| --- | --- | --- | --- | --- |")
+        print(f"\n{batch}\n\n| recipe | seeds | epoch 20, one view: mean (range) | with flip TTA | six views | "
+              f"train s, alone |\n| --- | --- | --- | --- | --- | --- |")
         order = sorted(summary["batches"][batch].items(), key=lambda kv: -kv[1]["final_test_acc"]["mean"])
         for name, s in order:
             seconds = " ".join(f"{x:.1f}" for x in s["train_seconds_alone"]) or "-"
             print(f"| {name} | {len(s['seeds'])} | {cell(s['final_test_acc'])} | {cell(s['final_test_acc_tta'])} "
-                  f"| {seconds} |")
+                  f"| {cell(s['final_test_acc_tta6'])} | {seconds} |")
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
