@@ -190,3 +190,19 @@ def test_readme_results_match_the_committed_runs():
     auto = json.loads((REPO / "results/gpu/h100/spec-recipe-auto/metrics.json").read_text())
     peak = f"{auto['max_lr']:.1e}".replace("e-0", "e-")  # 1.7e-4, as the README writes it
     assert f"got a peak of {peak} and {auto['final_test_acc']:.2f}%" in readme.replace("\n", " ")
+
+
+def test_readme_cpu_times_match_the_committed_measurements():
+    """The quick block's rows measured here, against results/cpu-fp32/ and results/cpu-avx2/ (each
+    command's wall seconds in times.txt, the run's metrics.json)."""
+    rows = {"AMD EPYC with AVX512-BF16, bf16": ("cpu-fp32", "default"), "the same EPYC in fp32 (": ("cpu-fp32", "fp32"),
+            "the same EPYC in fp32 with AVX2": ("cpu-avx2", "fp32")}
+    readme = (REPO / "README.md").read_text().splitlines()
+    for start, (folder, precision) in rows.items():
+        row = next(line for line in readme if line.startswith("| " + start)).split(" | ")
+        times = dict(line.split() for line in (REPO / "results" / folder / "times.txt").read_text().splitlines())
+        metrics = json.loads((REPO / "results" / folder / f"quick-{precision}-metrics.json").read_text())
+        expected = [f"{float(times[f'quick-{step}-{precision}']):.0f} s" for step in ("train", "gradcam", "lr-range")]
+        assert [row[-4], row[-2], row[-1].rstrip(" |")] == expected, start
+        assert row[-3] == f"{metrics['final_test_acc']:.1f}%", start
+
