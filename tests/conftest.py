@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: one thread each, in the
+# worker and in every script it runs (script_env), set before anything imports torch.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR10_SHARED", REPO.parent / "shared" / "cifar10"))
 sys.path.insert(0, str(REPO))
