@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.optim import swa_utils
 
 import common
 import data
@@ -174,9 +175,13 @@ def load_data(run):
 
 
 def build_model(run, num_classes):
-    """ResNet18 on the device, channels_last, from the init stream; SyncBatchNorm with --sync-bn."""
+    """ResNet18 on the device, channels_last, from the init stream, with --bn-momentum; SyncBatchNorm
+    with --sync-bn."""
     torch.manual_seed(run.args.seed)  # the init stream
     net = ResNet18(num_classes=num_classes, zero_init_residual=run.args.zero_init_residual)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = run.args.bn_momentum
     net = net.to(run.device, memory_format=torch.channels_last)
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if run.args.sync_bn and run.world > 1 else net
 
@@ -241,14 +246,16 @@ def resume_command(run):
 
 
 class TrainState:
-    """Everything a run needs to continue exactly: weights, optimizer, OneCycle schedule, scaler,
-    each process's augmentation generator, where the run stands, and its history. checkpoint()
-    writes it down; restore() reads it back."""
+    """Everything a run needs to continue exactly: weights (and their moving average with --ema),
+    optimizer, OneCycle schedule, scaler, each process's augmentation generator, where the run
+    stands, and its history. checkpoint() writes it down; restore() reads it back."""
 
     def __init__(self, run, net, optimizer, scheduler, scaler, max_lr, lr_range=None, classes=data.CLASSES):
         self.run, self.net, self.optimizer, self.scheduler, self.scaler = run, net, optimizer, scheduler, scaler
         self.max_lr, self.lr_range, self.classes = max_lr, lr_range, list(classes)
         self.steps = scheduler.total_steps // run.args.epochs  # per epoch
+        self.ema = (swa_utils.AveragedModel(net, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(run.args.ema),
+                                            use_buffers=True) if run.args.ema is not None else None)
         self.aug_generator = data.device_generator(run.device, run.args.seed * 1000 + run.rank)
         self.epoch, self.step = 0, 0  # the next step to take
         self.partial = None  # an epoch stopped midway: [loss sum, correct, images] of all processes, seconds
@@ -264,7 +271,8 @@ class TrainState:
             dist.all_gather_object(states, self.aug_generator.get_state().cpu())
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "aug_generator": states, "epoch": self.epoch, "step": self.step, "partial": self.partial,
+                "ema": None if self.ema is None else self.ema.state_dict(), "aug_generator": states,
+                "epoch": self.epoch, "step": self.step, "partial": self.partial,
                 "history": self.history, "best_acc": self.best_acc, "max_lr": self.max_lr,
                 "lr_range": self.lr_range, "arch": "ResNet18", "classes": self.classes,
                 "mean": list(data.MEAN), "std": list(data.STD), "args": vars(self.run.args)}
@@ -273,8 +281,9 @@ class TrainState:
         """Continue from a checkpoint (None: a new run), and say where."""
         if ckpt is None:
             return
-        for part in ("net", "optimizer", "scheduler", "scaler"):
-            getattr(self, part).load_state_dict(ckpt["model" if part == "net" else part])
+        for part in ("net", "optimizer", "scheduler", "scaler", "ema"):
+            if getattr(self, part) is not None:
+                getattr(self, part).load_state_dict(ckpt["model" if part == "net" else part])
         self.aug_generator.set_state(ckpt["aug_generator"][self.run.rank])
         self.epoch, self.step, self.saved_epoch = ckpt["epoch"], ckpt["step"], ckpt["epoch"]
         self.history, self.best_acc = ckpt["history"], ckpt["best_acc"]
@@ -428,6 +437,8 @@ def test_line(result):
         line += f"; with flip TTA: {result['correct_tta']}/{result['total']} ({result['accuracy_tta']:.2f}%)"
     if "accuracy_tta6" in result:
         line += f"; six views: {result['correct_tta6']}/{result['total']} ({result['accuracy_tta6']:.2f}%)"
+    if "accuracy_ema" in result:
+        line += f"; weights' average: {result['accuracy_ema']:.2f}%"
     return line + "\n"
 
 
@@ -442,7 +453,8 @@ def end_epoch(state, stats, result):
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
                           "test_acc_tta": result.get("accuracy_tta"), "test_acc_tta6": result.get("accuracy_tta6"),
-                          "lr": stats["lr"],
+                          "test_acc_ema": result.get("accuracy_ema"), "lr": stats["lr"],
+                          "test_acc_tta_ema": result.get("accuracy_tta_ema"),
                           "train_seconds": stats["seconds"], "seconds": time.perf_counter() - stats["started"],
                           "train_images": int(seen), "train_images_per_s": seen / stats["seconds"]})
     improved = result["accuracy"] > state.best_acc
@@ -464,7 +476,7 @@ def end_epoch(state, stats, result):
 def write_metrics(state, last_result=None):
     """metrics.json: the run's settings and every epoch; test_acc is a single view of each test
     image, test_acc_tta the mean of its and its mirror's logits (None with --no-tta), test_acc_tta6
-    that of six views (None without --tta6)."""
+    that of six views (None without --tta6); *_ema those of the weights' moving average (--ema)."""
     run, history, last = state.run, state.history, state.history[-1] if state.history else {}
     best = max(history, key=lambda h: h["test_acc"]) if history else {}
     per_class = {key: dict(zip(state.classes, (last_result or {})[key])) if key in (last_result or {}) else None
@@ -475,7 +487,8 @@ def write_metrics(state, last_result=None):
         "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(run.args), "epochs": history,
         "best_epoch": best.get("epoch"), "best_test_acc": best.get("test_acc"),
         "final_test_acc": last.get("test_acc"), "final_test_acc_tta": last.get("test_acc_tta"),
-        "final_test_acc_tta6": last.get("test_acc_tta6"),
+        "final_test_acc_tta6": last.get("test_acc_tta6"), "final_test_acc_ema": last.get("test_acc_ema"),
+        "final_test_acc_tta_ema": last.get("test_acc_tta_ema"),
         "train_seconds": sum(h["train_seconds"] for h in history),
         "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - run.started,
         "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],

@@ -77,14 +77,17 @@ def epoch_batches(images, labels, *, batch_size, epoch, generator, seed=0, use_f
         yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
-def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dtype=None, after_step=None):
+def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dtype=None, after_step=None, ema=None):
     """Train on every batch. Returns the summed loss and correct predictions (a tensor: no step
     waits for the GPU) and the images seen. after_step(i, loss, sums, seen) ends the epoch early
-    by returning True."""
+    by returning True; ema, a torch.optim.swa_utils.AveragedModel, averages the weights after
+    every step."""
     model.train()
     sums, seen = 0, 0
     for i, (x, y) in enumerate(batches):
         loss, logits = train_step(model, x, y, criterion, optimizer, scaler, scheduler, amp_dtype)
+        if ema is not None:
+            ema.update_parameters(model)
         sums = sums + torch.stack([loss * len(y), (logits.argmax(1) == y).sum().float()])
         seen += len(y)
         if after_step is not None and after_step(i, loss, sums, seen):
@@ -249,6 +252,11 @@ def build_parser():
     add("--final-div-factor", type=common.positive_float, default=1e4,
         help="OneCycle ends at the start / this (default 1e4, torch's)")
     add("--anneal", choices=["cos", "linear"], default="cos", help="OneCycle's shape on the way down (default cos)")
+    add("--ema", type=common.fraction, default=None, metavar="DECAY",
+        help="also keep a moving average of the weights and BatchNorm statistics, DECAY per step (0.99, say), "
+             "and score it each epoch beside them")
+    add("--bn-momentum", type=common.probability, default=0.1,
+        help="BatchNorm's running statistics take this share of each batch's (default 0.1, PyTorch's)")
     add("--zero-init-residual", action="store_true",
         help="start each residual block's last BatchNorm scale at zero (Goyal et al. 2017)")
     add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
@@ -298,7 +306,11 @@ def train(run, ckpt):
         run.log(plumbing.header(state, len(train_x), len(test_x)))
 
         def test():
-            return run_test(run, test_model, test_x, test_y)
+            result = run_test(run, test_model, test_x, test_y)
+            if state.ema is not None:  # the weights' average, scored beside them
+                scored = run_test(run, state.ema.module, test_x, test_y)
+                result.update({f"{key}_ema": value for key, value in scored.items() if key.startswith("accuracy")})
+            return result
 
         def batches(epoch, generator, start=0):
             return epoch_batches(train_x, train_y, epoch=epoch, generator=generator, start=start, rank=run.rank,
@@ -326,12 +338,12 @@ def run_epoch(state, model, criterion, batches, test):
     saving first; a train or test loss that is not finite stops it before saving."""
     run, watch = state.run, plumbing.StepWatch(state)
     sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler, run.dtype,
-                             after_step=watch)
+                             after_step=watch, ema=state.ema)
     stats = watch.summary(sums, seen)
     if stats["next_step"] < state.steps:
         state.stop(f"at epoch {state.epoch + 1}, step {stats['next_step']}/{state.steps}", stats)
     if run.world > 1:  # each process's BatchNorm statistics are its own: all test, and rank 0 saves, rank 0's
-        for buffer in state.net.buffers():
+        for buffer in itertools.chain(state.net.buffers(), state.ema.module.buffers() if state.ema else ()):
             dist.broadcast(buffer, 0)
     plumbing.end_epoch(state, stats, test())
     if state.epoch < run.args.epochs and run.stop_agreed():  # a finished run just finishes

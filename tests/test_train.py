@@ -1,3 +1,4 @@
+import argparse
 import copy
 import itertools
 import json
@@ -12,6 +13,7 @@ import sys
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from torch.optim import swa_utils
 
 import common
 import data
@@ -504,6 +506,59 @@ def test_padded_evaluation_pads_the_last_batch_and_changes_no_result():
     hook.remove()
     assert padded["per_class"] == plain["per_class"] and padded["per_class_tta"] == plain["per_class_tta"]
     assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and padded["total"] == 100
+
+
+def test_ema_is_the_moving_average_of_every_step_s_weights_and_statistics():
+    """Against the average computed by hand from each step's weights and BN running means: the
+    first step's, then decay x the average + (1 - decay) x the step's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(5)]
+    snapshots = []
+
+    def keep(i, loss, sums, seen):
+        snapshots.append([t.detach().clone() for t in [*model.parameters(), model[1].running_mean]])
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = torch.nn.CrossEntropyLoss()
+    train.train_epoch(model, batches, criterion, optimizer, scaler, scheduler, after_step=keep, ema=ema)
+    expected = snapshots[0]
+    for snapshot in snapshots[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, snapshot)]
+    averaged = [*ema.module.parameters(), ema.module[1].running_mean]
+    for got, want in zip(averaged, expected):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(averaged[0], snapshots[-1][0])  # an average, not the last weights
+
+
+def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_exactly(cifar, tmp_path, monkeypatch,
+                                                                                      capsys):
+    end_epoch, out = plumbing.end_epoch, tmp_path / "full"
+
+    def keep_epoch_1(state, *args):
+        end_epoch(state, *args)
+        if state.epoch == 1:
+            shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
+
+    monkeypatch.setattr(plumbing, "end_epoch", keep_epoch_1)
+    tiny_fit(cifar, out, epochs=2, ema=0.9, bn_momentum=0.4)
+    assert "; weights' average: " in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["final_test_acc_ema"] <= 100 and metrics["final_test_acc_tta_ema"] is not None
+    full = common.load_checkpoint(str(out / "last.pt"))
+    assert int(full["ema"]["n_averaged"]) == 8  # 4 steps an epoch
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "resumed" / "last.pt")
+    train.fit(resume=str(tmp_path / "resumed" / "last.pt"), data_dir=str(cifar))
+    resumed = common.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
+    for key, value in full["ema"].items():
+        assert torch.equal(value, resumed["ema"][key]), key
+    net = plumbing.build_model(plumbing.Run(argparse.Namespace(**full["args"])).start(), 10)
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.4}
 
 
 def test_warm_up_leaves_no_trace(cifar):

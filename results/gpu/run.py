@@ -42,6 +42,8 @@ RECIPES = {  # train.py flags beyond --data-dir, --out and --seed
     "linear": "--anneal linear",
     "final-div100": "--final-div-factor 100",
     "zero-res": "--zero-init-residual",
+    "ema": "--ema 0.99",  # an average of the last hundred steps or so, scored beside the weights
+    "ema-fastbn": "--ema 0.99 --bn-momentum 0.4",  # airbench: the average helps with faster BN statistics
     "sgd-auto": "--max-lr auto",  # issue 38: the range test's pick against the hand-set 0.4
     "spec-auto": SPEC.replace("--max-lr 0.027", "--max-lr auto"),
     "spec-lr0.01": SPEC.replace("--max-lr 0.027", "--max-lr 0.01"),  # where Adam's best peak lies
@@ -187,7 +189,7 @@ def result_line(work, name):
         return ""
     if len(m["epochs"]) < m["args"]["epochs"]:
         return f"; stopped after {len(m['epochs'])} epochs"
-    columns = (("final_test_acc_tta", "TTA"), ("final_test_acc_tta6", "six views"))
+    columns = (("final_test_acc_tta", "TTA"), ("final_test_acc_tta6", "six views"), ("final_test_acc_ema", "EMA"))
     views = ", ".join(f"{m[key]:.2f}% {name}" for key, name in columns if m.get(key) is not None)
     return f"; final {m['final_test_acc']:.2f}%{f' ({views})' if views else ''}, {m['train_seconds']:.1f} s of training"
 

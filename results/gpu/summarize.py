@@ -31,6 +31,7 @@ def run_record(path):
             "device_name": m["device_name"], "args": m["args"], "max_lr": m["max_lr"],
             "epochs": len(m["epochs"]), "final_test_acc": m["final_test_acc"],
             "final_test_acc_tta": m.get("final_test_acc_tta"), "final_test_acc_tta6": m.get("final_test_acc_tta6"),
+            "final_test_acc_ema": m.get("final_test_acc_ema"),
             "best_test_acc": m["best_test_acc"],
             "final_train_acc": m["epochs"][-1]["train_acc"], "train_seconds": m["train_seconds"],
             "alone": alone}
@@ -49,6 +50,7 @@ def recipe_summary(runs):
             "final_test_acc": spread(r["final_test_acc"] for r in runs),
             "final_test_acc_tta": spread(r["final_test_acc_tta"] for r in runs),
             "final_test_acc_tta6": spread(r["final_test_acc_tta6"] for r in runs),
+            "final_test_acc_ema": spread(r["final_test_acc_ema"] for r in runs),
             "train_seconds_alone": [r["train_seconds"] for r in runs if r["alone"]]}
 
 
@@ -69,12 +71,12 @@ def main():
             recipes.setdefault(r["recipe"], []).append(r)
         summary["batches"][batch] = {name: recipe_summary(rs) for name, rs in recipes.items()}
         print(f"\n{batch}\n\n| recipe | seeds | epoch 20, one view: mean (range) | with flip TTA | six views | "
-              f"train s, alone |\n| --- | --- | --- | --- | --- | --- |")
+              f"EMA, one view | train s, alone |\n| --- | --- | --- | --- | --- | --- | --- |")
         order = sorted(summary["batches"][batch].items(), key=lambda kv: -kv[1]["final_test_acc"]["mean"])
         for name, s in order:
             seconds = " ".join(f"{x:.1f}" for x in s["train_seconds_alone"]) or "-"
             print(f"| {name} | {len(s['seeds'])} | {cell(s['final_test_acc'])} | {cell(s['final_test_acc_tta'])} "
-                  f"| {cell(s['final_test_acc_tta6'])} | {seconds} |")
+                  f"| {cell(s['final_test_acc_tta6'])} | {cell(s['final_test_acc_ema'])} | {seconds} |")
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
