@@ -46,3 +46,14 @@ def run_script(*args, timeout=600, **kw):
     """Run one of the top-level scripts in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=script_env(), **kw)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of half a minute or more, started first")
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a stable sort keeps the rest in order), so that under -n auto no
+    worker is left running one of them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+

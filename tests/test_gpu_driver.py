@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from conftest import REPO
 
 TINY = "--device cpu --epochs 1 --limit-train 48 --limit-test 16 --batch-size 16 --max-lr 0.05"
@@ -20,6 +22,7 @@ def driver(tmp_path, cifar, *args, timeout=300):
     return res, (tmp_path / "out" / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_parallel_steps_finish_whole_and_the_deadline_stops_the_rest(cifar, tmp_path):
     """Two tiny runs beside a profile (minutes on a CPU) under a 30 s deadline: the runs finish,
     each a whole run folder; the profile is stopped with all its processes; the step queued behind

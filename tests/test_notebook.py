@@ -45,6 +45,7 @@ def test_committed_notebook_shows_the_figures_of_a_real_run():
     assert not [line for line in text.splitlines() if "/work/" in line or "/tmp/" in line or "/dev/" in line]
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(cifar, tmp_path):
     """Run where the project's scripts are, with a relative OUT as the notebook has it: what it
     prints names no folder of this machine, and training shows one progress line an epoch."""

@@ -131,6 +131,7 @@ def readme_block(marker, language):
     return textwrap.dedent(text[start:text.index("```", start)])
 
 
+@pytest.mark.slow
 def test_readme_try_it_lines_and_python_snippet_run_as_written(cifar, tmp_path):
     """A newcomer's first minutes, in a fresh folder holding the project's scripts and ./data: the
     'Try it' lines one after another, then the 'From Python' snippet, each exactly as the README

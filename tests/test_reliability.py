@@ -76,6 +76,7 @@ def test_a_signal_during_the_last_test_lets_the_run_finish(cifar, tmp_path, monk
     assert len(strict_json(tmp_path / "run" / "metrics.json")["epochs"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
     """torchrun forwards Ctrl-C (SIGINT) to its two workers: both stop at the same step (they agree
@@ -121,6 +122,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     assert single.returncode == 0 and "is a finished run (1 of 1 epochs)" in single.stdout, single.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 @pytest.mark.parametrize("phase, line", [("after the last agreement", "Epoch 1/2  step 12/14"),
                                          ("during the test pass", "Epoch 1/2  step 14/14")])

@@ -132,6 +132,7 @@ def test_checkpoint_round_trip(cifar, tmp_path):
     assert result["accuracy"] == pytest.approx(history[0]["test_acc"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_sigterm_and_sigkill_equals_uninterrupted_run(cifar, tmp_path):
     # On the CPU: CUDA's convolution kernels are not bit-reproducible (PyTorch's reproducibility
     # notes), and its tiny steps finish the epoch before the Ctrl-C below can land mid-epoch.
@@ -297,6 +298,7 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
         common.load_checkpoint(str(tmp_path / "none.pt"))
 
 
+@pytest.mark.slow
 def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
     out = tmp_path / "auto"
     tiny_fit(cifar, out, epochs=1, max_lr="auto", lr_range_steps=8, limit_train=128, batch_size=32)
@@ -561,6 +563,7 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
     assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.4}
 
 
+@pytest.mark.slow
 def test_warm_up_leaves_no_trace(cifar):
     """The warm-up trains a few steps on the run's shapes, then restores weights, BN statistics,
     optimizer, schedule and scaler exactly; the run's augmentation generator is not touched."""
@@ -674,6 +677,7 @@ def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch, capsys
     assert metrics["warmup_seconds"] == 0.5 and metrics["wall_seconds"] > metrics["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_an_enabled_grad_scaler_is_saved_and_resumed(cifar, tmp_path):
     """fp16's GradScaler (its scale and growth tracker) goes into last.pt and comes back on resume;
     on the CPU torch.amp's scaler is real too, so this needs no GPU."""
