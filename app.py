@@ -244,6 +244,7 @@ def main(argv=None):
     parser.add_argument("--export", metavar="FILE", help="write the checkpoint's weights alone to FILE (about 45 MB, "
                                                          "for a Space: no optimizer state) and exit")
     args = parser.parse_args(argv)
+    common.exit_cleanly_on_sigterm()  # a service manager's stop still removes the served pictures
     if args.export:
         try:
             export(find_checkpoint(args.ckpt), args.export)

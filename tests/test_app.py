@@ -30,15 +30,17 @@ def free_port():
 
 @pytest.fixture
 def served(small_cifar, tmp_path):
-    """app.py on a random checkpoint and the 100-image test set, until the test ends."""
+    """app.py on a random checkpoint and the 100-image test set, until the test ends; then stopped
+    with SIGTERM, as a service manager stops it, which must leave no temp folder behind."""
     pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install -r requirements-app.txt")
     torch.manual_seed(0)
     torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
-    port = free_port()
+    port, temp = free_port(), tmp_path / "temp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(tmp_path / "best.pt"), "--data-dir",
                              str(small_cifar), "--device", "cpu", "--port", str(port)], cwd=REPO,
-                            env={**script_env(), "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            env={**script_env(), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(temp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while True:
@@ -53,6 +55,7 @@ def served(small_cifar, tmp_path):
     yield url, tmp_path
     proc.terminate()
     proc.wait(timeout=30)
+    assert not list(temp.glob("cifar10-demo-*")), "app.py left its served pictures behind"
 
 
 def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
