@@ -385,11 +385,11 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
     args = run.args
     if ckpt is not None:
         return ckpt["max_lr"], ckpt.get("lr_range")
+    default = BASE_LR[args.optimizer] * args.batch_size / BASE_BATCH
     if args.max_lr is None:
-        max_lr = BASE_LR[args.optimizer] * args.batch_size / BASE_BATCH
-        run.log(f"Peak LR {max_lr:.4g} = {BASE_LR[args.optimizer]:g} x batch {args.batch_size} / {BASE_BATCH} "
+        run.log(f"Peak LR {default:.4g} = {BASE_LR[args.optimizer]:g} x batch {args.batch_size} / {BASE_BATCH} "
                 f"(linear scaling, {args.optimizer}'s default; --max-lr sets it)")
-        return max_lr, None
+        return default, None
     if args.max_lr != "auto":
         return args.max_lr, None
     run.log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...",
@@ -404,8 +404,11 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
                                     rule=args.lr_range_rule)
     if run.rank == 0:
         lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
+    ratio = result.suggested_lr / default
     run.log(f"LR range test: max LR {result.suggested_lr:.4g} by the {result.rule} rule (" +
-            ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()) + ")")
+            ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()) + "); that is " +
+            (f"{1 / ratio:.3g}x below" if ratio < 1 else f"{ratio:.3g}x above") +
+            f" {args.optimizer}'s hand-set default, {default:.4g} (the README's Recipes say how such picks trained)")
     return result.suggested_lr, result.to_dict()
 
 

@@ -299,11 +299,14 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
 
 
 @pytest.mark.slow
-def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path):
+def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path, capsys):
     out = tmp_path / "auto"
     tiny_fit(cifar, out, epochs=1, max_lr="auto", lr_range_steps=8, limit_train=128, batch_size=32)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["max_lr"] == metrics["lr_range"]["suggested_lr"] > 0
+    ratio = 0.4 * 32 / 512 / metrics["max_lr"]  # against SGD's default peak at batch 32
+    said = f"{ratio:.3g}x below" if ratio > 1 else f"{1 / ratio:.3g}x above"
+    assert f"that is {said} sgd's hand-set default, 0.025" in capsys.readouterr().out
     assert len(metrics["lr_range"]["lrs"]) <= 8
     assert (out / "lr_range.png").is_file()
     assert common.load_checkpoint(str(out / "last.pt"))["max_lr"] == metrics["max_lr"]
