@@ -1,5 +1,6 @@
 """Shared fixtures: CIFAR-10 rebuilt from ../shared/cifar10 into temp folders, once per session."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,15 @@ def run_script(*args, timeout=600, **kw):
     """Run one of the top-level scripts in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=script_env(), **kw)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """A script's main() run in-process installs its SIGTERM handler: no test inherits another's."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def pytest_configure(config):
