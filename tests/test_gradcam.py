@@ -274,8 +274,9 @@ def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
     elif case == "folder":
         path = tmp_path
     layer = {"layer": "layer9", "linear": "linear"}.get(case, "layer3")
-    res = run_script("gradcam.py", "--ckpt", path, "--layer", layer, "--data-dir", tmp_path)
-    assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(SystemExit) as stopped:  # in-process: any other exception fails the test
+        gradcam.main(["--ckpt", str(path), "--layer", layer, "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert message in stopped.value.code  # sys.exit(message): printed to stderr, exit status 1
 
 
 def test_predictions_follow_the_run_s_flip_tta(cifar, tmp_path, model):
@@ -457,10 +458,11 @@ def test_image_mode_with_an_unknown_class_is_one_line(tmp_path):
     assert res.returncode == 1 and "--class 'kitten' is not one of the checkpoint's classes" in res.stderr
 
 
-def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path):
+def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path, capsys):
     for flag in ("--count", "--top-k"):
-        res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", flag, "2.5", timeout=60)
-        assert res.returncode == 2 and f"{flag}: must be a whole number, got 2.5" in res.stderr
+        with pytest.raises(SystemExit) as stopped:
+            gradcam.main(["--ckpt", str(tmp_path / "m.pt"), flag, "2.5"])
+        assert stopped.value.code == 2 and f"{flag}: must be a whole number, got 2.5" in capsys.readouterr().err
 
 
 def test_a_phone_photo_a_16_bit_png_and_a_decompression_bomb(tmp_path):
