@@ -496,9 +496,16 @@ def write_metrics(state, last_result=None):
 
 
 def finish(state):
-    """curves.png and the run's last line (rank 0)."""
+    """curves.png, ema.pt when the weights' average scored better than the weights at the end, and
+    the run's last line (rank 0)."""
     history, out = state.history, state.run.args.out
     plot_curves(history, os.path.join(out, "curves.png"), state.run.args.label_smoothing)
+    last = history[-1]
+    if last.get("test_acc_ema") is not None and last["test_acc_ema"] > last["test_acc"]:
+        state.save(["ema.pt"], {"model": state.ema.module.state_dict(), "arch": "ResNet18", "classes": state.classes,
+                                "mean": list(data.MEAN), "std": list(data.STD), "args": vars(state.run.args)})
+        print(f"The weights' average scored {last['test_acc_ema']:.2f}% against {last['test_acc']:.2f}%: "
+              f"{os.path.join(out, 'ema.pt')} holds it (gradcam.py --ckpt takes it)")
     best = max(history, key=lambda h: h["test_acc"])
     final = history[-1].get("test_acc_tta")
     print(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}"

@@ -255,7 +255,7 @@ def build_parser():
     add("--ema", type=common.fraction, default=None, metavar="DECAY",
         help="also keep a moving average of the weights and BatchNorm statistics, DECAY per step (0.99, say), "
              "and score it each epoch beside them")
-    add("--bn-momentum", type=common.probability, default=0.1,
+    add("--bn-momentum", type=common.number_in(lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.1,
         help="BatchNorm's running statistics take this share of each batch's (default 0.1, PyTorch's)")
     add("--zero-init-residual", action="store_true",
         help="start each residual block's last BatchNorm scale at zero (Goyal et al. 2017)")

@@ -234,6 +234,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeyp
     (["--epochs", "2.5"], "--epochs: must be a whole number, got 2.5"),
     (["--batch-size", "many"], "--batch-size: must be a whole number, got many"),
     (["--wd", "x"], "--wd: must be zero or a positive number, got x"),
+    (["--bn-momentum", "0"], "--bn-momentum: must be a number in (0, 1], got 0"),
+    (["--ema", "1"], "--ema: must be a number in [0, 1), got 1"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     """In-process, as the command line runs main(): any exception but argparse's exit fails the test."""
@@ -558,6 +560,11 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
     assert 0 <= metrics["final_test_acc_ema"] <= 100 and metrics["final_test_acc_tta_ema"] is not None
     full = common.load_checkpoint(str(out / "last.pt"))
     assert int(full["ema"]["n_averaged"]) == 8  # 4 steps an epoch
+    assert (out / "ema.pt").is_file() == (metrics["final_test_acc_ema"] > metrics["final_test_acc"])
+    if (out / "ema.pt").is_file():  # the average alone, as gradcam.py and app.py load a checkpoint
+        model, *_ = common.model_from_checkpoint(common.load_checkpoint(str(out / "ema.pt")))
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, full["ema"]["module." + key]), key
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "epoch1.pt", tmp_path / "resumed" / "last.pt")
     train.fit(resume=str(tmp_path / "resumed" / "last.pt"), data_dir=str(cifar))
@@ -569,6 +576,27 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ema_acc, written", [(31.0, True), (30.0, False)])
+def test_the_weights_average_is_kept_as_ema_pt_when_it_scored_better(tmp_path, ema_acc, written):
+    args = train.build_parser().parse_args(["--epochs", "1", "--batch-size", "8", "--limit-train", "24", "--ema",
+                                            "0.9", "--out", str(tmp_path)])
+    torch.manual_seed(0)
+    state = train.new_state(plumbing.Run(args).start(), ResNet18(), 0.05, None, data.CLASSES)
+    with torch.no_grad():  # the weights move away from their average
+        for parameter in state.net.parameters():
+            parameter.add_(1.0)
+    state.history = [{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "train_acc": 30.0, "test_acc": 30.0,
+                      "test_acc_ema": ema_acc, "train_seconds": 1.0}]
+    plumbing.finish(state)
+    assert (tmp_path / "ema.pt").is_file() == written
+    if written:
+        model, classes, *_ = common.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ema.pt")))
+        assert classes == list(data.CLASSES)
+        for key, value in state.ema.module.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+        assert not torch.equal(model.conv1.weight, state.net.conv1.weight)
+
+
 def test_warm_up_leaves_no_trace(cifar):
     """The warm-up trains a few steps on the run's shapes, then restores weights, BN statistics,
     optimizer, schedule and scaler exactly; the run's augmentation generator is not touched."""
