@@ -9,7 +9,8 @@ The recipe comes first and reads on its own: train_step, epoch_batches, train_ep
 evaluate, one_cycle. What a run needs besides (its folder, checkpoints and resume, Ctrl-C and
 SIGTERM, the warm-up, torchrun, metrics.json) is in plumbing.py. From a notebook:
 `history = train.fit(epochs=1, limit_train=2000)` or `train.main([...])`. The run folder gets
-best.pt, last.pt, metrics.json and curves.png (and lr_range.png with --max-lr auto).
+best.pt, last.pt, metrics.json and curves.png (and lr_range.png with --max-lr auto, ema.pt with --ema
+when the weights' average scores better at the end).
 
 Random streams, each derived from --seed alone, so a resumed run draws what an uninterrupted one
 would have drawn:
