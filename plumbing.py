@@ -453,8 +453,8 @@ def end_epoch(state, stats, result):
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                           "test_loss": result["loss"], "test_acc": result["accuracy"],
                           "test_acc_tta": result.get("accuracy_tta"), "test_acc_tta6": result.get("accuracy_tta6"),
-                          "test_acc_ema": result.get("accuracy_ema"), "lr": stats["lr"],
-                          "test_acc_tta_ema": result.get("accuracy_tta_ema"),
+                          "test_acc_ema": result.get("accuracy_ema"),
+                          "test_acc_tta_ema": result.get("accuracy_tta_ema"), "lr": stats["lr"],
                           "train_seconds": stats["seconds"], "seconds": time.perf_counter() - stats["started"],
                           "train_images": int(seen), "train_images_per_s": seen / stats["seconds"]})
     improved = result["accuracy"] > state.best_acc
