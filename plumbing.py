@@ -269,13 +269,18 @@ class TrainState:
         if self.run.world > 1:
             states = [None] * self.run.world
             dist.all_gather_object(states, self.aug_generator.get_state().cpu())
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {**self.weights(self.net), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(), "aug_generator": states,
                 "epoch": self.epoch, "step": self.step, "partial": self.partial,
                 "history": self.history, "best_acc": self.best_acc, "max_lr": self.max_lr,
-                "lr_range": self.lr_range, "arch": "ResNet18", "classes": self.classes,
-                "mean": list(data.MEAN), "std": list(data.STD), "args": vars(self.run.args)}
+                "lr_range": self.lr_range}
+
+    def weights(self, model):
+        """What gradcam.py and app.py load of a checkpoint: a model's weights, the class names, the
+        normalization and the run's arguments."""
+        return {"model": model.state_dict(), "arch": "ResNet18", "classes": self.classes, "mean": list(data.MEAN),
+                "std": list(data.STD), "args": vars(self.run.args)}
 
     def restore(self, ckpt):
         """Continue from a checkpoint (None: a new run), and say where."""
@@ -502,8 +507,7 @@ def finish(state):
     plot_curves(history, os.path.join(out, "curves.png"), state.run.args.label_smoothing)
     last = history[-1]
     if last.get("test_acc_ema") is not None and last["test_acc_ema"] > last["test_acc"]:
-        state.save(["ema.pt"], {"model": state.ema.module.state_dict(), "arch": "ResNet18", "classes": state.classes,
-                                "mean": list(data.MEAN), "std": list(data.STD), "args": vars(state.run.args)})
+        state.save(["ema.pt"], state.weights(state.ema.module))
         print(f"The weights' average scored {last['test_acc_ema']:.2f}% against {last['test_acc']:.2f}%: "
               f"{os.path.join(out, 'ema.pt')} holds it (gradcam.py --ckpt takes it)")
     best = max(history, key=lambda h: h["test_acc"])

@@ -102,9 +102,9 @@ def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=Tru
     """Per class, over uint8 test images: summed cross-entropy, correct predictions of one view,
     correct predictions with flip TTA (the mean of the logits of the image and of its mirror), with
     six views (tta6: half that mean, half the mean of the image and its mirror each shifted by one
-    pixel along the diagonal, both ways, as airbench's TTA level 2), and images. All views go in one forward. With
-    pad a short last batch is padded to batch_size, so cuDNN meets one shape only; eval-mode
-    BatchNorm treats each image alone, so padding changes nothing."""
+    pixel along the diagonal, both ways, as airbench's TTA level 2), and images. All views go in one
+    forward. With pad a short last batch is padded to batch_size, so cuDNN meets one shape only;
+    eval-mode BatchNorm treats each image alone, so padding changes nothing."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, num_classes, device=images.device)
@@ -344,7 +344,7 @@ def run_epoch(state, model, criterion, batches, test):
     if stats["next_step"] < state.steps:
         state.stop(f"at epoch {state.epoch + 1}, step {stats['next_step']}/{state.steps}", stats)
     if run.world > 1:  # each process's BatchNorm statistics are its own: all test, and rank 0 saves, rank 0's
-        for buffer in itertools.chain(state.net.buffers(), state.ema.module.buffers() if state.ema else ()):
+        for buffer in itertools.chain(state.net.buffers(), () if state.ema is None else state.ema.module.buffers()):
             dist.broadcast(buffer, 0)
     plumbing.end_epoch(state, stats, test())
     if state.epoch < run.args.epochs and run.stop_agreed():  # a finished run just finishes
