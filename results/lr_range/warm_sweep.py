@@ -7,6 +7,7 @@ those weights and that momentum, with lr_range.py's options otherwise.
     python results/lr_range/warm_sweep.py --data-dir /tmp/cifar --no-download --warm-lr 0.0148 \\
         --out results/lr_range/cpu-sgd-warm
 """
+import itertools
 import os
 import sys
 
@@ -21,18 +22,19 @@ from resnet import ResNet18  # noqa: E402
 
 
 def warm_up(model, optimizer, criterion, batches, augment, *, steps, amp_dtype):
-    """`steps` plain training steps at the optimizer's LR; returns each step's loss."""
+    """`steps` of the recipe's training steps at the optimizer's LR, held constant; returns each
+    step's loss."""
     losses = []
-    model.train()
-    for step, (x, y) in zip(range(steps), batches):
-        with train.autocast(x.device, amp_dtype):
-            loss = criterion(model(augment(x)), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def record(i, loss, sums, seen):
         losses.append(loss.item())
-        if (step + 1) % 10 == 0 or step + 1 == steps:
-            print(f"warm-up step {step + 1}/{steps}  loss {losses[-1]:.4f}", flush=True)
+        if (i + 1) % 10 == 0 or i + 1 == steps:
+            print(f"warm-up step {i + 1}/{steps}  loss {losses[-1]:.4f}", flush=True)
+
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp_dtype == torch.float16)
+    augmented = ((augment(x), y) for x, y in itertools.islice(batches, steps))
+    train.train_epoch(model, augmented, criterion, optimizer, scaler, constant, amp_dtype, after_step=record)
     return losses
 
 
