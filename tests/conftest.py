@@ -66,4 +66,3 @@ def pytest_collection_modifyitems(items):
     """The slow tests first (a stable sort keeps the rest in order), so that under -n auto no
     worker is left running one of them alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
