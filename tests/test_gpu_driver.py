@@ -3,13 +3,15 @@ leave a whole run folder, the deadline stops a long step without touching the ot
 says which step finished, which was stopped and which never started."""
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED
 
 TINY = "--device cpu --epochs 1 --limit-train 48 --limit-test 16 --batch-size 16 --max-lr 0.05"
 
@@ -57,3 +59,50 @@ def test_an_unknown_step_stops_the_call_before_anything_runs(tmp_path):
                           "fastest"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "unknown step fastest" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def prepared_call():
+    """The run.sh command of results/README.md's section on what is prepared for the next GPU session."""
+    text = (REPO / "results" / "README.md").read_text()
+    section = text[text.index("## Prepared for the next GPU session"):]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_the_prepared_gpu_call_names_known_steps_with_flags_train_py_takes():
+    """A typo there would cost the next GPU session a machine's start: every step is one run.py
+    knows, and each training step's command parses with train.py's own parser."""
+    sys.path.insert(0, str(REPO / "results" / "gpu"))
+    import run
+    import train
+
+    words = prepared_call()
+    assert words[:3] == ["bash", "results/gpu/run.sh", "$OUT"]
+    train_args = next(w.split("=", 1)[1] for w in words if w.startswith("--train-args="))
+    steps = [w for w in words[words.index("--solo") + 1:] if not w.startswith("--")]
+    assert len(steps) > 20 and "sgd-auto" in steps and "spec-auto" in steps
+    for name in steps:
+        command = run.step_command(name, "folder", train_args=train_args)
+        if run.is_training(name):
+            args = train.build_parser().parse_args(shlex.split(command)[2:])
+            assert args.tta6 and args.seed == int(name.partition("-seed")[2] or 0)
+
+
+def test_prepare_sh_leaves_the_tree_small_enough_to_travel(tmp_path):
+    """prepare.sh in a clean clone: the data in .data/, the committed figures left behind, the
+    whole under the 64 MiB that travels; the command the README gives puts the figures back."""
+    if not (SHARED / "cifar10-jpeg.npz").is_file():
+        pytest.skip(f"needs {SHARED}")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    shutil.copy(REPO / "results" / "gpu" / "prepare.sh", clone / "results" / "gpu" / "prepare.sh")
+    res = subprocess.run(["bash", "results/gpu/prepare.sh", str(SHARED)], cwd=clone, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(clone / ".data")) == ["build_batches.py", "cifar10-jpeg.npz"]
+    assert not list(clone.glob("results/**/*.png"))
+    assert int(res.stdout.split("travels: ")[1].split()[0]) < 64
+    subprocess.run("git ls-files -d -z | xargs -0 git checkout --", shell=True, cwd=clone, check=True)
+    assert subprocess.run(["git", "ls-files", "-d"], cwd=clone, capture_output=True, text=True).stdout == ""
+    res = subprocess.run(["bash", "results/gpu/prepare.sh", str(tmp_path / "nowhere")], cwd=clone,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "pass the folder holding the JPEG copy" in res.stderr
