@@ -27,6 +27,7 @@ from common import UserError
 from resnet import ResNet18
 
 STOP_CHECK_EVERY = 10  # steps between the processes' agreements on stopping, under torchrun
+SCORES = ("", "_tta", "_tta6", "_ema", "_tta_ema", "_tta6_ema")  # test accuracies: views, then the weights' average's
 
 
 class NonFiniteLoss(UserError):
@@ -456,10 +457,8 @@ def end_epoch(state, stats, result):
     state.run.log(test_line(result), flush=True)
     loss_sum, correct, seen = stats["totals"]
     state.history.append({"epoch": state.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-                          "test_loss": result["loss"], "test_acc": result["accuracy"],
-                          "test_acc_tta": result.get("accuracy_tta"), "test_acc_tta6": result.get("accuracy_tta6"),
-                          "test_acc_ema": result.get("accuracy_ema"),
-                          "test_acc_tta_ema": result.get("accuracy_tta_ema"), "lr": stats["lr"],
+                          "test_loss": result["loss"], **{f"test_acc{s}": result.get(f"accuracy{s}") for s in SCORES},
+                          "lr": stats["lr"],
                           "train_seconds": stats["seconds"], "seconds": time.perf_counter() - stats["started"],
                           "train_images": int(seen), "train_images_per_s": seen / stats["seconds"]})
     improved = result["accuracy"] > state.best_acc
@@ -491,9 +490,7 @@ def write_metrics(state, last_result=None):
         "precision": common.precision_name(run.dtype), "world_size": run.world, "torch": torch.__version__,
         "max_lr": state.max_lr, "lr_range": state.lr_range, "args": vars(run.args), "epochs": history,
         "best_epoch": best.get("epoch"), "best_test_acc": best.get("test_acc"),
-        "final_test_acc": last.get("test_acc"), "final_test_acc_tta": last.get("test_acc_tta"),
-        "final_test_acc_tta6": last.get("test_acc_tta6"), "final_test_acc_ema": last.get("test_acc_ema"),
-        "final_test_acc_tta_ema": last.get("test_acc_tta_ema"),
+        **{f"final_test_acc{s}": last.get(f"test_acc{s}") for s in SCORES},
         "train_seconds": sum(h["train_seconds"] for h in history),
         "warmup_seconds": state.warmup_seconds, "wall_seconds": time.perf_counter() - run.started,
         "per_class_test_acc": per_class["per_class"], "per_class_test_acc_tta": per_class["per_class_tta"],
@@ -510,8 +507,7 @@ def finish(state):
         state.save(["ema.pt"], state.weights(state.ema.module))
         print(f"The weights' average scored {last['test_acc_ema']:.2f}% against {last['test_acc']:.2f}%: "
               f"{os.path.join(out, 'ema.pt')} holds it (gradcam.py --ckpt takes it)")
-    best = max(history, key=lambda h: h["test_acc"])
-    final = history[-1].get("test_acc_tta")
+    best, final = max(history, key=lambda h: h["test_acc"]), last.get("test_acc_tta")
     print(f"Best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}"
           f"{f' (final, with flip TTA: {final:.2f}%)' if final is not None else ''}; "
           f"{sum(h['train_seconds'] for h in history):.1f} s of training. Outputs in {out}")

@@ -554,10 +554,11 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
             shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
 
     monkeypatch.setattr(plumbing, "end_epoch", keep_epoch_1)
-    tiny_fit(cifar, out, epochs=2, ema=0.9, bn_momentum=0.4)
+    tiny_fit(cifar, out, epochs=2, ema=0.9, bn_momentum=0.4, tta6=True)
     assert "; weights' average: " in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["final_test_acc_ema"] <= 100 and metrics["final_test_acc_tta_ema"] is not None
+    assert 0 <= metrics["final_test_acc_ema"] <= 100
+    assert metrics["final_test_acc_tta_ema"] is not None and metrics["final_test_acc_tta6_ema"] is not None
     full = common.load_checkpoint(str(out / "last.pt"))
     assert int(full["ema"]["n_averaged"]) == 8  # 4 steps an epoch
     assert (out / "ema.pt").is_file() == (metrics["final_test_acc_ema"] > metrics["final_test_acc"])
