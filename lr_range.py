@@ -38,6 +38,7 @@ class LRRangeResult:
     min_loss_lr: float = float("nan")
     picks: dict = field(default_factory=dict)
     diverged: bool = False
+    loss_fell: bool = False  # some step's loss below the first's: a sweep that only rose suggests nothing
     step_mode: str = "exp"
 
     def add(self, lr, loss, smooth):
@@ -68,7 +69,13 @@ class LRRangeResult:
         self.picks = {"steepest": self.lrs[steepest], "minimum": low, "minimum/3": low / 3, "minimum/10": low / 10,
                       "valley": self.lrs[self.valley(curve)]}
         self.suggested_lr, self.min_loss_lr = self.picks[self.rule], low
+        self.loss_fell = min(self.losses[1:], default=math.inf) < self.losses[0]
         return self
+
+    def no_fall(self):
+        """Why a curve whose loss never fell suggests nothing, in words."""
+        return (f"the loss never fell below its first value ({self.losses[0]:.4g} at LR {self.lrs[0]:.3g}) "
+                f"in {len(self.lrs)} steps, so the range test suggests no LR")
 
     @staticmethod
     def valley(curve):
@@ -268,9 +275,12 @@ def main(argv=None):
                            progress=progress_printer(args.num_iter), rule=args.rule)
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
+    print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
+    if not result.loss_fell:
+        sys.exit(f"error: {result.no_fall()}; sweep from a lower --start-lr if it rose at once, or further "
+                 f"(--end-lr, --num-iter) if it stayed flat")
     print("LRs read off the smoothed curve: " + ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()))
     print(f"suggested max LR ({result.rule}): {result.suggested_lr:.3g}")
-    print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
     return result
 
 

@@ -405,6 +405,9 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
                                     rule=args.lr_range_rule)
     if run.rank == 0:
         lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
+    if not result.loss_fell:
+        raise UserError(f"{result.no_fall()} (lr_range.png in {args.out} shows it); give --max-lr a number "
+                        f"({args.optimizer}'s default here: {default:.4g}) or more --lr-range-steps")
     ratio = result.suggested_lr / default
     run.log(f"LR range test: max LR {result.suggested_lr:.4g} by the {result.rule} rule (" +
             ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()) + "); that is " +

@@ -121,6 +121,22 @@ def test_cli_writes_plot_and_json(cifar, tmp_path):
     assert (tmp_path / "lr_range.png").is_file()
 
 
+def test_a_curve_whose_loss_never_fell_suggests_nothing():
+    assert scripted_run([2.0, 2.5, 1.9], num_iter=3).loss_fell  # one step below the first is enough
+    rose = scripted_run([2.0, 3.0, 2.0], num_iter=3)
+    assert not rose.loss_fell and "never fell below its first value (2 at LR 1e-07) in 3 steps" in rose.no_fall()
+
+
+def test_cli_says_a_sweep_that_only_rose_suggests_no_lr(cifar, tmp_path, capsys):
+    """From LR 100 the first update blows the loss up: before, it printed 'suggested max LR 100'."""
+    with pytest.raises(SystemExit) as stopped:
+        lr_range.main(["--data-dir", str(cifar), "--limit-train", "64", "--batch-size", "16", "--num-iter", "5",
+                       "--start-lr", "100", "--end-lr", "1e6", "--device", "cpu", "--out", str(tmp_path)])
+    assert "the loss never fell below its first value" in str(stopped.value.code)
+    assert "lower --start-lr" in str(stopped.value.code) and "suggested" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "lr_range.json").read_text())["loss_fell"] is False  # the curve is kept
+
+
 @pytest.mark.parametrize("flag", [["--wd", "-1"], ["--label-smoothing", "1"]])
 def test_cli_refuses_bad_values_in_one_line(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:  # in-process: any other exception fails the test

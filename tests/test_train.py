@@ -302,6 +302,21 @@ def test_truncated_checkpoint_and_other_architecture(tmp_path):
         common.load_checkpoint(str(tmp_path / "none.pt"))
 
 
+def test_max_lr_auto_refuses_a_range_test_whose_loss_never_fell(cifar, tmp_path, monkeypatch, capsys):
+    """A sweep that only rose suggests no peak: the run stops in one sentence instead of training
+    at the sweep's first LR."""
+    sweep = train.lr_range.lr_range_test
+    monkeypatch.setattr(train.lr_range, "lr_range_test", lambda *a, **kw: sweep(*a, **kw, start_lr=100, end_lr=1e6))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data-dir", str(cifar), "--out", str(tmp_path / "run"), "--max-lr", "auto",
+                    "--lr-range-steps", "4", "--limit-train", "64", "--limit-test", "16", "--batch-size", "16",
+                    "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "the loss never fell below its first value" in err
+    assert "give --max-lr a number (sgd's default here: 0.0125)" in err
+    assert (tmp_path / "run" / "lr_range.png").is_file() and not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.slow
 def test_max_lr_auto_runs_the_range_test_and_records_it(cifar, tmp_path, capsys):
     out = tmp_path / "auto"
