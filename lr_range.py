@@ -69,7 +69,8 @@ class LRRangeResult:
         self.picks = {"steepest": self.lrs[steepest], "minimum": low, "minimum/3": low / 3, "minimum/10": low / 10,
                       "valley": self.lrs[self.valley(curve)]}
         self.suggested_lr, self.min_loss_lr = self.picks[self.rule], low
-        self.loss_fell = min(self.losses[1:], default=math.inf) < self.losses[0]
+        raw = self.losses or self.smoothed  # a curve read back from a file may keep only the smoothed loss
+        self.loss_fell = min(raw[1:], default=math.inf) < raw[0]
         return self
 
     def no_fall(self):
