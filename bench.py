@@ -289,6 +289,21 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
 
     print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
+    try:
+        result = measure(images, labels, source, args, device)
+    except RuntimeError as e:
+        if not common.out_of_memory(e):
+            raise
+        sys.exit(f"error: {common.OUT_OF_MEMORY}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), **result}, f, indent=1)
+    return result
+
+
+def measure(images, labels, source, args, device):
+    """The default path's training and test rates (and its profile), the reference's, and what
+    they mean in TFLOP/s and seconds for 20 epochs, printed as they come."""
     train_rates, eval_rates, precision, profile = default_path(images, labels, args, device)
     result = {"device": str(device), "device_name": common.device_name(device),
               "torch": torch.__version__, "batch_size": args.batch_size, "precision": precision,
@@ -324,9 +339,6 @@ def main(argv=None):
         line += f", {100 * result['fraction_of_peak']:.1f}% of {args.peak_tflops:g}"
     print(line)
     print(f"20 epochs of 50,000 images at this rate: {result['estimated_20_epoch_train_seconds']:,.0f} s of training")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **result}, f, indent=1)
     return result
 
 

@@ -27,6 +27,15 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, never as a traceback."""
 
 
+def out_of_memory(error):
+    """Whether an exception is the device running out of memory: a GPU's OutOfMemoryError, or the
+    RuntimeError of the CPU's allocator."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+OUT_OF_MEMORY = "out of memory on the device: run again with a smaller --batch-size"
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument types: argparse turns their ArgumentTypeError into a one-line usage error
 

@@ -270,10 +270,15 @@ def main(argv=None):
           f"on {device} ({common.precision_name(amp_dtype)})")
     batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, seed=args.seed,
                                        use_flip=not args.no_flip, cutout_p=args.cutout_p)
-    result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                           batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
-                           step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
-                           progress=progress_printer(args.num_iter), rule=args.rule)
+    try:
+        result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+                               batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
+                               step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
+                               progress=progress_printer(args.num_iter), rule=args.rule)
+    except RuntimeError as e:
+        if not common.out_of_memory(e):
+            raise
+        sys.exit(f"error: {common.OUT_OF_MEMORY}")
     plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")

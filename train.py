@@ -184,6 +184,10 @@ def main(argv=None):
         if rank == 0:
             print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:
+        if not common.out_of_memory(e):
+            raise
+        sys.exit(f"\nerror: {common.OUT_OF_MEMORY} (or --eval-batch-size, if it ran out while testing)")
     except KeyboardInterrupt as e:  # Stopped after saving, or a second signal
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 

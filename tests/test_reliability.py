@@ -220,6 +220,50 @@ def test_train_py_on_a_really_full_disk(cifar, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Out of memory: a batch too large for the GPU (or the CPU's memory)
+
+CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "14.74 GiB of which 3.06 GiB is free.")
+
+
+def test_out_of_memory_is_recognised_as_torch_raises_it():
+    with pytest.raises(RuntimeError) as real:
+        torch.empty(2 ** 48)  # 1 PiB: the CPU allocator's own error
+    assert common.out_of_memory(real.value) and common.out_of_memory(CUDA_OOM)
+    assert not common.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x10)"))
+
+
+def raises(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def test_running_out_of_memory_while_training_is_one_sentence(cifar, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_step", raises(CUDA_OOM))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data-dir", str(cifar), "--out", str(tmp_path / "run"), "--device", "cpu", *TINY])
+    assert "error: out of memory on the device: run again with a smaller --batch-size" in stopped.value.code
+    monkeypatch.setattr(train, "train_step", raises(RuntimeError("a bug, not the memory")))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        train.main(["--data-dir", str(cifar), "--out", str(tmp_path / "run2"), "--device", "cpu", *TINY])
+
+
+def test_lr_range_and_bench_running_out_of_memory_is_one_sentence(cifar, tmp_path, monkeypatch):
+    import bench
+    import lr_range
+
+    monkeypatch.setattr(lr_range, "lr_range_test", raises(CUDA_OOM))
+    with pytest.raises(SystemExit) as stopped:
+        lr_range.main(["--data-dir", str(cifar), "--device", "cpu", "--out", str(tmp_path / "lr")])
+    assert stopped.value.code == "error: out of memory on the device: run again with a smaller --batch-size"
+    monkeypatch.setattr(bench, "default_path", raises(CUDA_OOM))
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--device", "cpu", "--steps", "1", "--windows", "1"])
+    assert stopped.value.code == "error: out of memory on the device: run again with a smaller --batch-size"
+
+
+# ---------------------------------------------------------------------------------------------
 # A diverged model
 
 
