@@ -473,8 +473,8 @@ def end_epoch(state, stats, result):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr") if state.run.tensorboard else ():
         state.run.tensorboard.add_scalar(key, state.history[-1][key], state.epoch)
     if last:
-        print("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(state.classes,
-                                                                                       result["per_class"])))
+        print("Per-class test accuracy: " + ", ".join(f"{c} {a:.1f}%" if a is not None else f"{c} (no test images)"
+                                                      for c, a in zip(state.classes, result["per_class"])))
 
 
 def write_metrics(state, last_result=None):

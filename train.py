@@ -130,15 +130,16 @@ def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=Tru
 
 
 def test_result(sums, tta=True, tta6=False):
-    """Mean loss, accuracy and per-class accuracy (and with tta or tta6 those of flip TTA or six
-    views) from test_sums, once all-reduced under torchrun."""
+    """Mean loss, accuracy and per-class accuracy (None for a class with no test images; and with
+    tta or tta6 those of flip TTA or six views) from test_sums, once all-reduced under torchrun."""
     loss, *corrects, count = sums.double().cpu()
     n = max(int(count.sum()), 1)
     result = {"loss": loss.sum().item() / n, "total": int(count.sum())}
     for suffix, correct, scored in zip(("", "_tta", "_tta6"), corrects, (True, tta, tta6)):
         if scored:
             result.update({f"correct{suffix}": int(correct.sum()), f"accuracy{suffix}": 100 * correct.sum().item() / n,
-                           f"per_class{suffix}": (100 * correct / count.clamp(min=1)).tolist()})
+                           f"per_class{suffix}": [100 * c / k if k else None for c, k in zip(correct.tolist(),
+                                                                                                count.tolist())]})
     return result
 
 

@@ -457,6 +457,21 @@ def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
     assert "accuracy_tta" not in train.evaluate(model, images, labels, batch_size=16, tta=False)
 
 
+def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero(cifar, tmp_path, capsys):
+    model = ResNet18().eval()
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    result = train.evaluate(model, torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), labels, batch_size=4)
+    for per_class in (result["per_class"], result["per_class_tta"]):
+        assert [a is None for a in per_class] == [c not in (0, 1, 3) for c in range(10)]
+        assert per_class[0] in (0, 50, 100) and per_class[1] in (0, 100 / 3, 200 / 3, 100)
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_test=4)  # the first four test images: cat, ship, ship, airplane
+    out = capsys.readouterr().out
+    assert "dog (no test images)" in out and "dog 0.0%" not in out and "ship " in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [c for c, a in metrics["per_class_test_acc"].items() if a is None] == [
+        "automobile", "bird", "deer", "dog", "frog", "horse", "truck"]
+
+
 def test_six_view_tta_is_that_of_airbench_s_level_2():
     """Against views made by torchvision (reflect padding by one pixel, crops at the two corners)
     and scored one forward each: half the flip mean, half the mean of the four shifted views.
