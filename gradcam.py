@@ -293,7 +293,7 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
         refuse_non_finite(probs, ckpt)
         found, chosen = summarize(probs, labels, classes, count, seed)
         summary = {"checkpoint": ckpt, "layer": layer, "tta": tta, **found}
-        print(f"{ckpt}: {summary['test_accuracy']:.2f}% on {len(labels):,} test images"
+        print(f"{ckpt}: {summary['test_accuracy']:.2f}% on {len(labels):,} test image{'s' * (len(labels) != 1)}"
               f"{' with flip TTA' if tta else ''}; {summary['wrong']} misclassified")
         common.save_json(os.path.join(out, "misclassified.json"), summary)
         matrix = confusion_matrix(probs.argmax(1), labels, len(classes))
