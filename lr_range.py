@@ -69,13 +69,16 @@ class LRRangeResult:
         self.picks = {"steepest": self.lrs[steepest], "minimum": low, "minimum/3": low / 3, "minimum/10": low / 10,
                       "valley": self.lrs[self.valley(curve)]}
         self.suggested_lr, self.min_loss_lr = self.picks[self.rule], low
-        raw = self.losses or self.smoothed  # a curve read back from a file may keep only the smoothed loss
-        self.loss_fell = min(raw[1:], default=math.inf) < raw[0]
+        self.loss_fell = min(self.raw()[1:], default=math.inf) < self.raw()[0]
         return self
+
+    def raw(self):
+        """Each step's loss; the smoothed ones for a curve read back from a file that keeps only those."""
+        return self.losses or self.smoothed
 
     def no_fall(self):
         """Why a curve whose loss never fell suggests nothing, in words."""
-        return (f"the loss never fell below its first value ({self.losses[0]:.4g} at LR {self.lrs[0]:.3g}) "
+        return (f"the loss never fell below its first value ({self.raw()[0]:.4g} at LR {self.lrs[0]:.3g}) "
                 f"in {len(self.lrs)} steps, so the range test suggests no LR")
 
     @staticmethod

@@ -137,9 +137,9 @@ def test_result(sums, tta=True, tta6=False):
     result = {"loss": loss.sum().item() / n, "total": int(count.sum())}
     for suffix, correct, scored in zip(("", "_tta", "_tta6"), corrects, (True, tta, tta6)):
         if scored:
+            per_class = [100 * c / k if k else None for c, k in zip(correct.tolist(), count.tolist())]
             result.update({f"correct{suffix}": int(correct.sum()), f"accuracy{suffix}": 100 * correct.sum().item() / n,
-                           f"per_class{suffix}": [100 * c / k if k else None for c, k in zip(correct.tolist(),
-                                                                                                count.tolist())]})
+                           f"per_class{suffix}": per_class})
     return result
 
 

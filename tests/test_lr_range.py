@@ -125,6 +125,8 @@ def test_a_curve_whose_loss_never_fell_suggests_nothing():
     assert scripted_run([2.0, 2.5, 1.9], num_iter=3).loss_fell  # one step below the first is enough
     rose = scripted_run([2.0, 3.0, 2.0], num_iter=3)
     assert not rose.loss_fell and "never fell below its first value (2 at LR 1e-07) in 3 steps" in rose.no_fall()
+    read_back = LRRangeResult(lrs=[0.1, 1.0, 10.0], smoothed=[2.0, 2.5, 3.0]).suggest()  # no raw losses kept
+    assert not read_back.loss_fell and "(2 at LR 0.1) in 3 steps" in read_back.no_fall()
 
 
 def test_cli_says_a_sweep_that_only_rose_suggests_no_lr(cifar, tmp_path, capsys):
