@@ -239,8 +239,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; a Space "
                                                             "sets its own)")
-    parser.add_argument("--port", type=common.positive_int, default=None, help="port (default 7860, or Gradio's "
-                                                                                "GRADIO_SERVER_PORT)")
+    parser.add_argument("--port", type=port_number, default=None, help="port (default 7860, or Gradio's "
+                                                                       "GRADIO_SERVER_PORT)")
     parser.add_argument("--export", metavar="FILE", help="write the checkpoint's weights alone to FILE (about 45 MB, "
                                                          "for a Space: no optimizer state) and exit")
     args = parser.parse_args(argv)
@@ -250,6 +250,8 @@ def main(argv=None):
             export(find_checkpoint(args.ckpt), args.export)
         except common.UserError as e:
             sys.exit(f"error: {e}")
+        except OSError as e:  # no such folder, no permission, a folder by that name
+            sys.exit(f"error: cannot write {args.export} ({e.strerror}); choose another --export path")
         return
     try:
         import gradio as gr
@@ -269,6 +271,14 @@ def main(argv=None):
             raise
         sys.exit(f"error: cannot serve on port {args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)}, it is "
                  f"busy; pass --port with a free one")
+
+
+def port_number(text):
+    """An argparse type: a TCP port, 1 to 65535."""
+    value = common.positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 1 to 65535, got {text}")
+    return value
 
 
 def export(ckpt, path):

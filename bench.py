@@ -280,6 +280,9 @@ def main(argv=None):
     for flag, path in (("--json", args.json), ("--profile", args.profile)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{flag} {path}: its folder does not exist; create it or choose another path")
+        if path and os.path.isdir(path):  # found before the measuring, not after it
+            parser.error(f"{flag} {path} is a folder; name a file in it, such as "
+                         f"{os.path.join(path, flag[2:] + '.json')}")
     device = common.resolve_device(args.device, parser)
     if args.cuda_graph and (device.type != "cuda" or args.compile or common.amp_dtype(device, not args.no_amp)
                             == torch.float16):

@@ -146,6 +146,27 @@ def test_several_clients_at_once_get_the_answers_one_client_gets_alone(served):
     assert result["errors"] == [] and result["wrong"] == [] and result["answers"] >= 3
 
 
+@pytest.mark.parametrize("flag", [["--port", "99999"], ["--port", "0"]])
+def test_a_port_out_of_range_is_a_usage_error(flag, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as stopped:  # in-process: an OverflowError from bind() fails the test
+        app.main(["--ckpt", "best.pt", *flag])
+    assert stopped.value.code == 2 and "argument --port: must be" in capsys.readouterr().err
+
+
+def test_export_into_a_missing_folder_or_onto_a_folder_is_one_sentence(tmp_path):
+    import app
+
+    torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
+    for target, reason in ((tmp_path / "missing" / "model.pt", "No such file or directory"),
+                           (tmp_path, "Is a directory")):
+        with pytest.raises(SystemExit) as stopped:
+            app.main(["--ckpt", str(tmp_path / "best.pt"), "--export", str(target)])
+        assert stopped.value.code == f"error: cannot write {target} ({reason}); choose another --export path"
+    assert sorted(os.listdir(tmp_path)) == ["best.pt"]  # no temp file left behind
+
+
 def test_export_writes_the_weights_alone_and_the_demo_serves_them(cifar, tmp_path):
     """A train.py checkpoint carries SGD's momentum (about 89 MB); the exported file keeps what
     serving needs, in about half, and explains exactly as the checkpoint does."""

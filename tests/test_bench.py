@@ -12,6 +12,14 @@ def test_cuda_graph_without_a_gpu_is_one_line():
     assert res.returncode == 2 and "--cuda-graph needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("flag", ["--json", "--profile"])
+def test_an_output_file_that_is_a_folder_is_refused_before_measuring(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:  # in-process: it was an IsADirectoryError after the measurement
+        bench.main(["--device", "cpu", "--steps", "1", "--windows", "1", flag, str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"{flag} {tmp_path} is a folder; name a file in it" in err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_trains_as_the_eager_step_does():
     """Three warm-up steps on the capture's zero inputs, then two steps on a real batch: the replayed
