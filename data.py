@@ -110,6 +110,9 @@ def load_cifar10(root, split="train", download=False, expect_full=True):
     if split not in SPLIT_SIZE:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     folder = os.path.join(root, FOLDER)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"{os.path.abspath(root)} is a file, not a folder; pass the folder that holds (or is to "
+                        f"hold) '{FOLDER}' as --data-dir.")
     if not os.path.isdir(folder):
         if not download:
             raise DataError(f"CIFAR-10 not found: expected the folder {os.path.abspath(folder)}. "

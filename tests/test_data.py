@@ -38,6 +38,14 @@ def test_missing_folder_says_where_to_put_data(tmp_path):
         data.load_cifar10(tmp_path, "train")
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_file_as_the_data_folder_is_named_as_such(tmp_path, download):
+    """It read 'could not download ... (FileExistsError ...)', asking for a folder under a file."""
+    (tmp_path / "cifar").write_text("not a folder")
+    with pytest.raises(data.DataError, match=r"cifar is a file, not a folder; pass the folder .* as --data-dir"):
+        data.load_cifar10(tmp_path / "cifar", "train", download=download)
+
+
 def _copy(src, dst):
     shutil.copytree(src / "cifar-10-batches-py", dst / "cifar-10-batches-py")
     return dst / "cifar-10-batches-py"
