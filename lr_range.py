@@ -24,6 +24,7 @@ from resnet import ResNet18
 
 
 RULES = ("steepest", "minimum", "minimum/3", "minimum/10", "valley")  # ways to read a peak LR off the curve
+SMOOTH = 0.05  # the script's smoothing: each new loss's weight in the curve (lr_range_test's default)
 
 
 @dataclass
@@ -273,18 +274,29 @@ def main(argv=None):
           f"on {device} ({common.precision_name(amp_dtype)})")
     batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, seed=args.seed,
                                        use_flip=not args.no_flip, cutout_p=args.cutout_p)
+    so_far, show = LRRangeResult(step_mode=args.step_mode), progress_printer(args.num_iter)
+
+    def progress(step, lr, loss):
+        so_far.add(lr, loss, SMOOTH)
+        show(step, lr, loss)
+
     try:
         result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                                batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
-                               step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
-                               progress=progress_printer(args.num_iter), rule=args.rule)
+                               step_mode=args.step_mode, smooth=SMOOTH, amp_dtype=amp_dtype, transform=augment,
+                               progress=progress, rule=args.rule)
     except RuntimeError as e:
         if not common.out_of_memory(e):
             raise
         sys.exit(f"error: {common.OUT_OF_MEMORY}")
-    plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
-    common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
-    print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM through exit_cleanly_on_sigterm
+        if not so_far.lrs:
+            raise
+        save_curve(so_far.suggest(args.rule), args)
+        print(f"Stopped at step {len(so_far.lrs)} of {args.num_iter}; the curve so far is saved (run again for "
+              f"the whole sweep)")
+        sys.exit(130 if isinstance(stop, KeyboardInterrupt) else stop.code)
+    save_curve(result, args)
     if not result.loss_fell:
         sys.exit(f"error: {result.no_fall()}; sweep from a lower --start-lr if it rose at once, or further "
                  f"(--end-lr, --num-iter) if it stayed flat")
@@ -292,6 +304,12 @@ def main(argv=None):
     print(f"suggested max LR ({result.rule}): {result.suggested_lr:.3g}")
     return result
 
+
+def save_curve(result, args):
+    """lr_range.png and lr_range.json (the curve, every rule's LR and the arguments) in --out."""
+    plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
+    common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
+    print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
 
 if __name__ == "__main__":
     main()

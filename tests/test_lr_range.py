@@ -1,12 +1,15 @@
 import io
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_script
+from conftest import REPO, run_script, script_env
 import lr_range
 import train
 from lr_range import LRRangeResult, lr_range_test, plot_lr_range
@@ -137,6 +140,39 @@ def test_cli_says_a_sweep_that_only_rose_suggests_no_lr(cifar, tmp_path, capsys)
     assert "the loss never fell below its first value" in str(stopped.value.code)
     assert "lower --start-lr" in str(stopped.value.code) and "suggested" not in capsys.readouterr().out
     assert json.loads((tmp_path / "lr_range.json").read_text())["loss_fell"] is False  # the curve is kept
+
+
+def test_ctrl_c_during_the_sweep_keeps_the_curve_so_far(cifar, tmp_path, monkeypatch, capsys):
+    def stop_at_step_3(num_iter):
+        def show(step, lr, loss):
+            if step == 2:
+                raise KeyboardInterrupt
+        return show
+
+    monkeypatch.setattr(lr_range, "progress_printer", stop_at_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        lr_range.main(["--data-dir", str(cifar), "--limit-train", "64", "--batch-size", "16", "--num-iter", "20",
+                       "--device", "cpu", "--out", str(tmp_path)])
+    assert stopped.value.code == 130 and "Stopped at step 3 of 20" in capsys.readouterr().out
+    curve = json.loads((tmp_path / "lr_range.json").read_text())
+    assert len(curve["lrs"]) == len(curve["losses"]) == len(curve["smoothed"]) == 3
+    assert curve["smoothed"][1] == pytest.approx(0.05 * curve["losses"][1] + 0.95 * curve["losses"][0])
+    assert (tmp_path / "lr_range.png").is_file()
+
+
+def test_sigterm_during_the_sweep_keeps_the_curve_so_far(cifar, tmp_path):
+    """A scheduler's SIGTERM, sent for real once the first progress line is out."""
+    proc = subprocess.Popen([sys.executable, "lr_range.py", "--data-dir", str(cifar), "--limit-train", "256",
+                             "--batch-size", "64", "--num-iter", "100", "--device", "cpu", "--out", str(tmp_path)],
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = line + proc.stdout.read()
+    assert proc.wait(timeout=120) == 143 and "Traceback" not in out, out
+    steps = len(json.loads((tmp_path / "lr_range.json").read_text())["lrs"])
+    assert 10 <= steps < 100 and f"Stopped at step {steps} of 100; the curve so far is saved" in out
 
 
 @pytest.mark.parametrize("flag", [["--wd", "-1"], ["--label-smoothing", "1"]])
