@@ -398,16 +398,7 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
         return default, None
     if args.max_lr != "auto":
         return args.max_lr, None
-    run.log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...",
-            flush=True)
-    batches, augment = lr_range.lr_range_inputs(train_x, train_y, args.batch_size // run.world,
-                                                seed=args.seed + run.rank, use_flip=not args.no_flip,
-                                                cutout_p=args.cutout_p)
-    optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, bn_wd=args.bn_wd)
-    result = lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
-                                    amp_dtype=run.dtype, transform=augment,
-                                    mean_loss=lambda loss: run.all_reduce(loss) / run.world,
-                                    rule=args.lr_range_rule)
+    result = sweep(run, net, criterion, train_x, train_y)
     if run.rank == 0:
         lr_range.plot_lr_range(result, os.path.join(args.out, "lr_range.png"))
     if not result.loss_fell:
@@ -419,6 +410,31 @@ def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):
             (f"{1 / ratio:.3g}x below" if ratio < 1 else f"{ratio:.3g}x above") +
             f" {args.optimizer}'s hand-set default, {default:.4g} (the README's Recipes say how such picks trained)")
     return result.suggested_lr, result.to_dict()
+
+
+def sweep(run, net, criterion, train_x, train_y):
+    """The LR range test of --max-lr auto, its progress shown by rank 0. A signal during it stops the
+    run before anything is trained or saved, every process at the same step."""
+    args = run.args
+    run.log(f"LR range test ({args.optimizer}, {args.lr_range_steps} steps) to pick the OneCycle peak ...",
+            flush=True)
+    batches, augment = lr_range.lr_range_inputs(train_x, train_y, args.batch_size // run.world,
+                                                seed=args.seed + run.rank, use_flip=not args.no_flip,
+                                                cutout_p=args.cutout_p)
+    optimizer = common.make_optimizer(net, args.optimizer, 1e-7, args.wd, bn_wd=args.bn_wd)
+    show = lr_range.progress_printer(args.lr_range_steps)
+
+    def progress(step, lr, loss):
+        if run.rank == 0:
+            show(step, lr, loss)
+        if run.stop_agreed():
+            run.log(f"\nStopped during the LR range test, at step {step + 1}; nothing was trained or saved: run "
+                    f"the same command again", flush=True)
+            raise plumbing.Stopped(run.signum)
+
+    return lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
+                                  amp_dtype=run.dtype, transform=augment, progress=progress,
+                                  mean_loss=lambda loss: run.all_reduce(loss) / run.world, rule=args.lr_range_rule)
 
 
 if __name__ == "__main__":

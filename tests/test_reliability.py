@@ -76,6 +76,25 @@ def test_a_signal_during_the_last_test_lets_the_run_finish(cifar, tmp_path, monk
     assert len(strict_json(tmp_path / "run" / "metrics.json")["epochs"]) == 2
 
 
+def test_ctrl_c_during_the_range_test_of_max_lr_auto_stops_at_once(cifar, tmp_path):
+    """It used to record the signal and sweep on for minutes on a CPU, stopping only at the first
+    training step. Now the sweep shows progress and stops at the next step, with nothing saved, so
+    the same command starts over."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar), "--out", str(out), "--device",
+                             "cpu", "--max-lr", "auto", "--lr-range-steps", "100", *TINY[:-2]], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):  # the sweep's first progress line: step 10/100
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130 and "Traceback" not in rest, rest
+    stopped_at = int(rest.split("Stopped during the LR range test, at step ")[1].split(";")[0])
+    assert 10 <= stopped_at < 100 and "nothing was trained or saved: run the same command again" in rest
+    assert plumbing.run_files(out) == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
