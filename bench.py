@@ -298,6 +298,9 @@ def main(argv=None):
         if not common.out_of_memory(e):
             raise
         sys.exit(f"error: {common.OUT_OF_MEMORY}")
+    except KeyboardInterrupt:
+        print("\nInterrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **result}, f, indent=1)

@@ -525,6 +525,9 @@ def main(argv=None):
                       args.limit_test, args.device, args.download, args.tta)["summary"]
     except (common.UserError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\nInterrupted: the files written so far are whole; run again for the rest", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

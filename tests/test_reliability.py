@@ -95,6 +95,23 @@ def test_ctrl_c_during_the_range_test_of_max_lr_auto_stops_at_once(cifar, tmp_pa
     assert plumbing.run_files(out) == []
 
 
+def test_ctrl_c_in_gradcam_and_bench_is_one_line(tmp_path, monkeypatch, capsys):
+    """Nothing to resume there: a line saying what is on disk, exit code 130, no traceback."""
+    import bench
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradcam, "report", ctrl_c)
+    monkeypatch.setattr(bench, "default_path", ctrl_c)
+    runs = ((gradcam.main, ["--ckpt", str(tmp_path / "best.pt")], "the files written so far are whole"),
+            (bench.main, ["--device", "cpu", "--steps", "1", "--windows", "1"], "nothing was written"))
+    for main, argv, said in runs:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 130 and f"Interrupted: {said}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar, tmp_path):
