@@ -311,5 +311,6 @@ def save_curve(result, args):
     common.save_json(os.path.join(args.out, "lr_range.json"), {"args": vars(args), **result.to_dict()})
     print(f"wrote {os.path.join(args.out, 'lr_range.png')} and lr_range.json")
 
+
 if __name__ == "__main__":
     main()
