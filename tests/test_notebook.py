@@ -1,5 +1,9 @@
 """The notebook runs top to bottom as a Colab user runs it, on a small setting, in a real kernel."""
+import http.server
 import re
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -43,6 +47,35 @@ def test_committed_notebook_shows_the_figures_of_a_real_run():
     progress = [o["data"]["text/plain"] for o in outputs if o.get("data", {}).get("text/plain", "").startswith("Epoch")]
     assert [line.split("  ")[0] for line in progress] == [f"Epoch {e}/20" for e in range(1, 21)]
     assert not [line for line in text.splitlines() if "/work/" in line or "/tmp/" in line or "/dev/" in line]
+
+
+class AskForPassword(http.server.BaseHTTPRequestHandler):
+    """What GitHub answers for a repository that does not exist: a request for a password."""
+
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="git"')
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_wrong_repo_url_fails_at_once_with_the_advice(tmp_path):
+    """The fetch cell in an empty folder (a fresh Colab session) with a wrong REPO_URL: git must not
+    wait for a password that nobody will type (Jupyter started from a terminal gives it one)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AskForPassword)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fetch = next(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells
+                 if cell.cell_type == "code" and "git" in cell.source and "clone" in cell.source)
+    url = f"http://127.0.0.1:{server.server_port}/YOUR-ACCOUNT/cifar10-resnet18.git"
+    try:
+        res = subprocess.run([sys.executable, "-c", f"REPO_URL = {url!r}\n{fetch}"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        server.shutdown()
+    assert res.returncode == 1 and "terminal prompts disabled" in res.stderr, res.stderr
+    assert f"could not clone {url}; set REPO_URL in the first cell" in res.stderr
 
 
 @pytest.mark.slow
