@@ -89,6 +89,7 @@ def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dty
         loss, logits = train_step(model, x, y, criterion, optimizer, scaler, scheduler, amp_dtype)
         if ema is not None:
             ema.update_parameters(model)
+        # summed now, not kept: the next step's CUDA graph replay (reduce-overhead) writes over the logits
         sums = sums + torch.stack([loss * len(y), (logits.argmax(1) == y).sum().float()])
         seen += len(y)
         if after_step is not None and after_step(i, loss, sums, seen):

@@ -526,6 +526,47 @@ def test_no_bn_wd_spares_the_one_dimensional_parameters(bn_wd):
     assert sum(p.ndim <= 1 for p in model.parameters()) == 20 * 2 + 1  # 20 BN layers' scale and shift, 1 bias
 
 
+class OverwritesItsLastOutput(torch.nn.Module):
+    """As torch.compile's reduce-overhead mode (CUDA graphs) does: each call writes over the memory of
+    the output it returned before, so a tensor kept from an earlier step changes under its keeper
+    (pytorch/pytorch#148439)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.last = net, None
+
+    def forward(self, x):
+        if self.last is not None:
+            self.last.fill_(float("nan"))
+        out = self.net(x)
+        self.last = out.detach()  # the same memory
+        return out
+
+
+def test_the_loop_keeps_nothing_a_cuda_graph_replay_overwrites():
+    """An epoch's sums and the test pass's scores equal those of a model whose outputs stay put:
+    both use each step's outputs before the next step runs."""
+    def run(wrap):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+        model = OverwritesItsLastOutput(net) if wrap else net
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        generator = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+                   for _ in range(4)]
+        sums, seen = train.train_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, scaler, scheduler)
+        images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=generator)
+        scored = train.evaluate(model, images, torch.randint(0, 10, (40,), generator=generator), batch_size=16,
+                                tta6=True)
+        return sums, scored
+
+    (plain_sums, plain), (sums, scored) = run(wrap=False), run(wrap=True)
+    assert torch.equal(sums, plain_sums) and scored == plain
+
+
 def test_padded_evaluation_pads_the_last_batch_and_changes_no_result():
     """Image and mirror go through the model as one batch; pad=True pads the last one to full size."""
     torch.manual_seed(0)
