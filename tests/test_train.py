@@ -567,6 +567,18 @@ def test_the_loop_keeps_nothing_a_cuda_graph_replay_overwrites():
     assert torch.equal(sums, plain_sums) and scored == plain
 
 
+def test_training_and_testing_are_compiled_apart():
+    """One compiled module toggled between train() and eval() recompiles (pytorch/pytorch#110803):
+    with --compile the run trains through one compiled wrapper of the weights and tests through
+    another, each called in one mode only."""
+    args = train.build_parser().parse_args(["--compile", "--compile-mode", "reduce-overhead"])
+    run = plumbing.Run(args)
+    run.device = torch.device("cpu")
+    net = ResNet18()
+    model, test_model = plumbing.forwards(run, net)
+    assert model is not test_model and model._orig_mod is net and test_model._orig_mod is net
+
+
 def test_padded_evaluation_pads_the_last_batch_and_changes_no_result():
     """Image and mirror go through the model as one batch; pad=True pads the last one to full size."""
     torch.manual_seed(0)
