@@ -24,7 +24,6 @@ from resnet import ResNet18
 
 
 RULES = ("steepest", "minimum", "minimum/3", "minimum/10", "valley")  # ways to read a peak LR off the curve
-SMOOTH = 0.05  # the script's smoothing: each new loss's weight in the curve (lr_range_test's default)
 
 
 @dataclass
@@ -70,7 +69,8 @@ class LRRangeResult:
         self.picks = {"steepest": self.lrs[steepest], "minimum": low, "minimum/3": low / 3, "minimum/10": low / 10,
                       "valley": self.lrs[self.valley(curve)]}
         self.suggested_lr, self.min_loss_lr = self.picks[self.rule], low
-        self.loss_fell = min(self.raw()[1:], default=math.inf) < self.raw()[0]
+        raw = self.raw()
+        self.loss_fell = min(raw[1:], default=math.inf) < raw[0]
         return self
 
     def raw(self):
@@ -103,7 +103,7 @@ DEFAULT_RULE = LRRangeResult.rule  # train.py --max-lr auto's (the README's Reci
 
 def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr=10, num_iter=100, step_mode="exp",
                   smooth=0.05, diverge_th=5, amp_dtype=None, transform=None, progress=None, mean_loss=None,
-                  rule=None):
+                  rule=None, result=None):
     """Sweep the LR from start_lr to end_lr (exactly) over num_iter training steps, exponentially or
     linearly; stop once the smoothed loss passes diverge_th x its best. Returns an LRRangeResult.
 
@@ -115,6 +115,8 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
     then follows one curve and stops at the same step, so no collective call is left waiting. The
     suggestion is read off the curve by `rule` (LRRangeResult.suggest; None: the steepest slope). The
     model's weights and buffers, its train/eval mode and the optimizer's state are put back after.
+    `result`, an empty LRRangeResult, is filled instead of a new one: a caller keeps the curve so far
+    when the sweep is interrupted.
     """
     if num_iter < 2 or step_mode not in ("exp", "linear") or not 0 < start_lr < end_lr:
         raise ValueError("lr_range_test needs num_iter >= 2, step_mode 'exp' or 'linear' and 0 < start_lr < end_lr")
@@ -124,7 +126,8 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
     saved = copy.deepcopy([model.state_dict(), optimizer.state_dict()])
     was_training, device = model.training, next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result, best, iterator = LRRangeResult(step_mode=step_mode), math.inf, iter(batches)
+    result, best, iterator = result if result is not None else LRRangeResult(), math.inf, iter(batches)
+    result.step_mode = step_mode
     try:
         model.train()
         for step, lr in enumerate(lrs):
@@ -274,17 +277,12 @@ def main(argv=None):
           f"on {device} ({common.precision_name(amp_dtype)})")
     batches, augment = lr_range_inputs(images.to(device), labels.to(device), args.batch_size, seed=args.seed,
                                        use_flip=not args.no_flip, cutout_p=args.cutout_p)
-    so_far, show = LRRangeResult(step_mode=args.step_mode), progress_printer(args.num_iter)
-
-    def progress(step, lr, loss):
-        so_far.add(lr, loss, SMOOTH)
-        show(step, lr, loss)
-
+    so_far = LRRangeResult()
     try:
         result = lr_range_test(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                                batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
-                               step_mode=args.step_mode, smooth=SMOOTH, amp_dtype=amp_dtype, transform=augment,
-                               progress=progress, rule=args.rule)
+                               step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
+                               progress=progress_printer(args.num_iter), rule=args.rule, result=so_far)
     except RuntimeError as e:
         if not common.out_of_memory(e):
             raise
