@@ -115,14 +115,12 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
     then follows one curve and stops at the same step, so no collective call is left waiting. The
     suggestion is read off the curve by `rule` (LRRangeResult.suggest; None: the steepest slope). The
     model's weights and buffers, its train/eval mode and the optimizer's state are put back after.
-    `result`, an empty LRRangeResult, is filled instead of a new one: a caller keeps the curve so far
-    when the sweep is interrupted.
+    `result`, an empty LRRangeResult to fill, keeps the curve for a caller if the sweep is interrupted.
     """
     if num_iter < 2 or step_mode not in ("exp", "linear") or not 0 < start_lr < end_lr:
         raise ValueError("lr_range_test needs num_iter >= 2, step_mode 'exp' or 'linear' and 0 < start_lr < end_lr")
-    ts = [i / (num_iter - 1) for i in range(num_iter)]
     lrs = [start_lr * (end_lr / start_lr) ** t if step_mode == "exp" else start_lr + (end_lr - start_lr) * t
-           for t in ts[:-1]] + [end_lr]
+           for t in (i / (num_iter - 1) for i in range(num_iter - 1))] + [end_lr]
     saved = copy.deepcopy([model.state_dict(), optimizer.state_dict()])
     was_training, device = model.training, next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
