@@ -219,7 +219,8 @@ def build_page(demo, gr):
         with gr.Tab("Misclassified test images"):
             with gr.Row():
                 count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
-                seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=common.SEED_MAX,
+                                 label="Seed of the random pick")
             show = gr.Button("Show misclassified images")
             gallery = gr.Gallery(label="Actual → predicted: the image, then its Grad-CAM", columns=2, height="auto",
                                  object_fit="contain")
@@ -239,8 +240,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; a Space "
                                                             "sets its own)")
-    parser.add_argument("--port", type=port_number, default=None, help="port (default 7860, or Gradio's "
-                                                                       "GRADIO_SERVER_PORT)")
+    parser.add_argument("--port", type=common.int_at_least(1, maximum=65535), default=None,
+                        help="port, 1 to 65535 (default 7860, or Gradio's GRADIO_SERVER_PORT)")
     parser.add_argument("--export", metavar="FILE", help="write the checkpoint's weights alone to FILE (about 45 MB, "
                                                          "for a Space: no optimizer state) and exit")
     args = parser.parse_args(argv)
@@ -271,14 +272,6 @@ def main(argv=None):
             raise
         sys.exit(f"error: cannot serve on port {args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)}, it is "
                  f"busy; pass --port with a free one")
-
-
-def port_number(text):
-    """An argparse type: a TCP port, 1 to 65535."""
-    value = common.positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number, 1 to 65535, got {text}")
-    return value
 
 
 def export(ckpt, path):

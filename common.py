@@ -40,20 +40,23 @@ OUT_OF_MEMORY = "out of memory on the device: run again with a smaller --batch-s
 # Argument types: argparse turns their ArgumentTypeError into a one-line usage error
 
 
-def int_at_least(minimum):
-    """An argparse type: a whole number of at least minimum."""
+def int_at_least(minimum, maximum=None):
+    """An argparse type: a whole number of at least minimum, and at most maximum when one is given."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum:,}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return parse
 
 
 positive_int = int_at_least(1)
+SEED_MAX = 2**32 - 1  # numpy's range; train.py's streams (seed * 100_003 + epoch) stay within torch's seeds
+seed = int_at_least(0, maximum=SEED_MAX)
 
 
 def number_in(check, expected):

@@ -281,6 +281,12 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
     if not 1 <= count <= MAX_COUNT:
         raise common.UserError(f"--count must lie in 1..{MAX_COUNT} (one figure row per image); for other "
                                f"images, run again with another --seed")
+    if not 0 <= alpha <= 1:  # as the command line checks them, for a call from Python
+        raise common.UserError(f"--alpha must lie between 0 and 1, got {alpha}")
+    if seed is not None and not 0 <= seed <= common.SEED_MAX:
+        raise common.UserError(f"--seed must lie in 0..{common.SEED_MAX:,}, got {seed}")
+    if limit_test is not None and limit_test < 1:
+        raise common.UserError(f"--limit-test must be at least 1, got {limit_test}")
     loaded = load_model(ckpt, device)
     model, classes, mean, std, run_tta = loaded
     tta = run_tta if tta is None else tta
@@ -495,7 +501,7 @@ def build_parser():
                                           "layer3.0, or a convolution in one (default layer3: an 8x8 map)")
     add("--count", type=common.positive_int, default=10, help=f"images to show, at most {MAX_COUNT} (default 10)")
     add("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
-    add("--seed", type=int, default=None, help="pick misclassified images at random with this seed (default: "
+    add("--seed", type=common.seed, default=None, help="pick misclassified images at random with this seed (default: "
                                                "the first ones)")
     add("--limit-test", type=common.positive_int, default=None, help="search only the first N test images")
     add("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -244,7 +244,7 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision where supported (default on)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=common.seed, default=0,
                    help="random seed; the sweep is the one train.py --max-lr auto runs with this --seed (default 0)")
     p.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
                    help=f"how the suggestion is read off the curve (default {DEFAULT_RULE}, as train.py --max-lr auto)")

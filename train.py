@@ -197,14 +197,38 @@ def main(argv=None):
 def fit(**overrides):
     """Notebook entry: fit(epochs=1, data_dir='./data', limit_train=2000) -> history.
 
-    Keyword names are the CLI's options with underscores; unknown names raise TypeError.
+    Keyword names are the CLI's options with underscores, and each value is checked as the command
+    line checks its option: an unknown name raises TypeError, a wrong value UserError.
     """
-    args = build_parser().parse_args([])
+    parser = build_parser()
+    args = parser.parse_args([])
+    options = {action.dest: action for action in parser._actions if action.dest != "help"}
     for key, value in overrides.items():
-        if not hasattr(args, key):
+        if key not in options:
             raise TypeError(f"fit() got an unknown option {key!r}")
-        setattr(args, key, value)
+        setattr(args, key, checked_option(options[key], value))
     return start(args)
+
+
+def checked_option(action, value):
+    """A fit() keyword's value as argparse would parse its option, or UserError in one sentence:
+    fit(pct_start=1.5) otherwise trained to chance in silence."""
+    name = f"fit(): {action.dest}"
+    if action.nargs == 0:  # a switch, such as --compile or --tta / --no-tta
+        if not isinstance(value, bool):
+            raise UserError(f"{name} takes True or False, got {value!r}")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise UserError(f"{name} needs a value (its default is {action.default!r})")
+        return None
+    try:
+        parsed = str(value) if action.type is None else action.type(str(value))
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{name} {e}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise UserError(f"{name} must be one of {', '.join(action.choices)}, got {value!r}")
+    return parsed
 
 
 def start(args):
@@ -274,7 +298,7 @@ def build_parser():
     add("--alternate-flip", action="store_true", help="mirror each image every other epoch (airbench)")
     add("--cutout-p", type=common.probability, default=0.5,
         help="chance of an image's 16x16 Cutout hole (default 0.5, the spec's; 1: the Cutout paper's)")
-    add("--seed", type=int, default=0, help="random seed for init, order and augmentation (default 0)")
+    add("--seed", type=common.seed, default=0, help="random seed for init, order and augmentation (default 0)")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: bf16 on GPUs from compute capability 8.0 and on CPUs with bf16 units, fp16 + "

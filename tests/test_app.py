@@ -95,6 +95,8 @@ def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
                             "class.")
     item = gallery[0]["image"]
     assert Image.open(item if isinstance(item, str) else item["path"]).size == (256 + 16 + 256, 256)  # image, map
+    with pytest.raises(Exception, match="greater than maximum value 4294967295"):  # was an overflow in the server
+        client.predict(4, 2**40, "layer3", 0.5, api_name="/misclassified")
 
 
 def test_every_control_re_runs_what_the_page_shows(small_cifar, tmp_path):

@@ -465,6 +465,17 @@ def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path, 
         assert stopped.value.code == 2 and f"{flag}: must be a whole number, got 2.5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given, says", [
+    (dict(alpha=2), "--alpha must lie between 0 and 1, got 2"),  # it drew with it in silence
+    (dict(seed=2**70), f"--seed must lie in 0..4,294,967,295, got {2**70}"),  # an overflow in torch
+    (dict(limit_test=0), "--limit-test must be at least 1, got 0"),  # torch.cat of nothing
+])
+def test_report_from_python_refuses_what_the_command_line_refuses_before_any_work(given, says, tmp_path):
+    with pytest.raises(common.UserError) as refused:  # no checkpoint there: nothing was loaded
+        gradcam.report(str(tmp_path / "missing.pt"), **given)
+    assert str(refused.value) == says
+
+
 def test_a_phone_photo_a_16_bit_png_and_a_decompression_bomb(tmp_path):
     """Real files of each kind: a JPEG whose EXIF says 'rotate 90' comes upright, a 16-bit grey PNG
     keeps its shades (not clipped to a white square), and an image over Pillow's pixel limit is one

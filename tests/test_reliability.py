@@ -392,3 +392,26 @@ def test_one_epoch_is_not_one_epochs(cifar, tmp_path, capsys):
 def test_help_says_batchnorm_statistics_stay_per_process_under_torchrun():
     text = train.build_parser().format_help()
     assert "same results" not in text and "BatchNorm statistics" in text and "--sync-bn" in text
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_a_seed_outside_what_the_random_streams_take_is_a_usage_error(seed, capsys):
+    import lr_range
+
+    for parser, given in ((train.build_parser(), []), (lr_range.build_parser(), []),
+                          (gradcam.build_parser(), ["--ckpt", "m.pt"])):
+        with pytest.raises(SystemExit) as stopped:  # 99999999999999999999 was an overflow traceback
+            parser.parse_args(given + ["--seed", seed])
+        assert stopped.value.code == 2 and "argument --seed: must be from 0 to 4,294,967,295" in capsys.readouterr().err
+
+
+def test_the_largest_seed_drives_every_random_stream(cifar, tmp_path):
+    import lr_range
+
+    history = tiny_fit(cifar, tmp_path / "run", epochs=2, limit_train=96, seed=common.SEED_MAX, alternate_flip=True)
+    assert len(history) == 2
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8)
+    batches, _ = lr_range.lr_range_inputs(images, labels, 4, seed=common.SEED_MAX)
+    assert len(next(batches)[1]) == 4
+    probs = torch.eye(10)[(labels + 1) % 10]  # every prediction wrong
+    assert len(gradcam.misclassified(probs, labels, 3, seed=common.SEED_MAX)) == 3

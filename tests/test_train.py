@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import shlex
 import shutil
 import signal
@@ -80,6 +81,32 @@ def test_make_optimizer_builds_the_recipe_s_optimizer(name):
     assert (group["lr"], group["weight_decay"]) == (0.1, 0.01)
     if name == "sgd":
         assert group["momentum"] == 0.9 and group["nesterov"]
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("pct_start", 1.5, "pct_start must be a number in [0, 1), got 1.5"),  # it trained to chance in silence
+    ("cutout_p", 2.0, "cutout_p must be a number in [0, 1], got 2.0"),
+    ("optimizer", "adamw", "optimizer must be one of sgd, adam, got 'adamw'"),
+    ("batch_size", 0, "batch_size must be at least 1, got 0"),
+    ("epochs", 2.5, "epochs must be a whole number, got 2.5"),
+    ("compile", "yes", "compile takes True or False, got 'yes'"),
+    ("data_dir", None, "data_dir needs a value (its default is './data')"),
+])
+def test_fit_refuses_a_value_the_command_line_refuses(option, value, says):
+    with pytest.raises(common.UserError) as refused:
+        train.fit(**{option: value})
+    assert str(refused.value) == f"fit(): {says}"
+    with pytest.raises(TypeError, match="unknown option 'lr'"):
+        train.fit(lr=0.1)
+
+
+def test_fit_takes_what_the_command_line_takes(monkeypatch):
+    monkeypatch.setattr(train, "start", lambda args: args)
+    given = train.fit(epochs="3", data_dir=pathlib.Path("cifar"), max_lr="auto", ema=0.99, limit_train=None,
+                      tta=False, compile_mode="reduce-overhead", wd=0)
+    parsed = train.build_parser().parse_args(["--epochs", "3", "--data-dir", "cifar", "--max-lr", "auto", "--ema",
+                                              "0.99", "--no-tta", "--compile-mode", "reduce-overhead", "--wd", "0"])
+    assert vars(given) == vars(parsed)
 
 
 def test_fit_learns_and_writes_outputs(cifar, tmp_path):
