@@ -238,6 +238,7 @@ def start(args):
     ckpt = None
     if args.resume:
         run.args, ckpt = plumbing.restored_args(args, run.world)
+        say_what_resume_ignores(run, args)
         if ckpt["epoch"] >= run.args.epochs:
             run.log(f"{args.resume} is a finished run ({ckpt['epoch']} of {run.args.epochs} epochs): nothing to "
                     f"resume and nothing changed. To train longer, start a new run with a larger --epochs.")
@@ -248,6 +249,20 @@ def start(args):
     finally:
         if run.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def say_what_resume_ignores(run, given):
+    """--resume continues the recipe the checkpoint keeps: name each option given that it overrides
+    (a value unlike both the default and the run's), so a changed flag is never dropped in silence."""
+    defaults = vars(build_parser().parse_args([]))
+    ignored = []
+    for key, value in vars(given).items():
+        if value != defaults.get(key) and value != getattr(run.args, key):
+            name = key.replace("_", "-")
+            flag = f"--{name}" if value is True else f"--no-{name}" if value is False else f"--{name} {value}"
+            ignored.append(f"{flag} (the run's: {getattr(run.args, key)})")
+    if ignored:
+        run.log(f"--resume continues the run with the recipe it was saved with; ignored: {', '.join(ignored)}")
 
 
 # ---------------------------------------------------------------------------------------------

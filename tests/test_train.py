@@ -416,8 +416,11 @@ def test_resuming_a_finished_run_changes_nothing(cifar, tmp_path):
     out = tmp_path / "run"
     tiny_fit(cifar, out, epochs=1)
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    res = run_script("train.py", "--resume", out / "last.pt", "--data-dir", cifar, "--device", "cpu")
+    res = run_script("train.py", "--resume", out / "last.pt", "--data-dir", cifar, "--device", "cpu", "--epochs", "3",
+                     "--max-lr", "0.05", "--no-tta")  # --max-lr as saved: not named
     assert res.returncode == 0, res.stderr
+    assert ("--resume continues the run with the recipe it was saved with; ignored: --epochs 3 (the run's: 1), "
+            "--no-tta (the run's: True)\n") in res.stdout
     assert "is a finished run (1 of 1 epochs): nothing to resume and nothing changed" in res.stdout
     assert "Resuming" not in res.stdout
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
@@ -442,6 +445,7 @@ def test_resuming_an_earlier_checkpoint_needs_overwrite(cifar, tmp_path, monkeyp
     res = run_script("train.py", "--resume", out / "epoch1.pt", "--data-dir", cifar, "--device", "cpu",
                      "--overwrite")
     assert res.returncode == 0, res.stderr
+    assert "ignored" not in res.stdout  # where to run and --overwrite are the command line's to say
     assert "at epoch 2, step 0" in res.stdout and common.load_checkpoint(str(out / "last.pt"))["epoch"] == 2
 
 
