@@ -237,7 +237,7 @@ def build_parser():
     parser.add_argument("--eval-batch-size", type=common.positive_int, default=1024,
                         help="batch size for the eval timing (default 1024)")
     parser.add_argument("--steps", type=common.positive_int, default=10, help="steps per timed window (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--warmup", type=common.int_at_least(0), default=3, help="untimed steps first (default 3)")
     parser.add_argument("--windows", type=common.positive_int, default=3, help="timed windows (default 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the default path's model")
     parser.add_argument("--compile-mode", choices=common.COMPILE_MODES, default="default",
@@ -246,7 +246,8 @@ def build_parser():
                         help="replay the default path's forward, backward and optimizer step as one CUDA graph "
                              "(LR and momentum frozen: a timing of the lever, not a training path)")
     parser.add_argument("--no-amp", action="store_true", help="fp32 in the default path too")
-    parser.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
+    parser.add_argument("--ref-workers", type=common.int_at_least(0), default=2,
+                        help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the default path")
     parser.add_argument("--data-dir", default=None,
                         help="CIFAR-10 root; synthetic images of the same shape if not given")

@@ -20,6 +20,13 @@ def test_an_output_file_that_is_a_folder_is_refused_before_measuring(flag, tmp_p
     assert stopped.value.code == 2 and f"{flag} {tmp_path} is a folder; name a file in it" in err
 
 
+@pytest.mark.parametrize("flag", ["--ref-workers", "--warmup"])
+def test_a_negative_count_is_a_usage_error(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:  # --ref-workers -1 was DataLoader's traceback after the measurement
+        bench.main(["--device", "cpu", flag, "-1"])
+    assert stopped.value.code == 2 and f"argument {flag}: must be at least 0, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_trains_as_the_eager_step_does():
     """Three warm-up steps on the capture's zero inputs, then two steps on a real batch: the replayed
