@@ -292,6 +292,9 @@ def main(argv=None):
         print(f"Stopped at step {len(so_far.lrs)} of {args.num_iter}; the curve so far is saved (run again for "
               f"the whole sweep)")
         sys.exit(130 if isinstance(stop, KeyboardInterrupt) else stop.code)
+    if result.diverged:
+        print(f"the loss diverged at step {len(result.lrs)} of {args.num_iter} (LR {result.lrs[-1]:.3g}); the sweep "
+              f"stopped there")
     save_curve(result, args)
     if not result.loss_fell:
         sys.exit(f"error: {result.no_fall()}; sweep from a lower --start-lr if it rose at once, or further "

@@ -138,7 +138,10 @@ def test_cli_says_a_sweep_that_only_rose_suggests_no_lr(cifar, tmp_path, capsys)
         lr_range.main(["--data-dir", str(cifar), "--limit-train", "64", "--batch-size", "16", "--num-iter", "5",
                        "--start-lr", "100", "--end-lr", "1e6", "--device", "cpu", "--out", str(tmp_path)])
     assert "the loss never fell below its first value" in str(stopped.value.code)
-    assert "lower --start-lr" in str(stopped.value.code) and "suggested" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lower --start-lr" in str(stopped.value.code) and "suggested" not in out
+    curve = json.loads((tmp_path / "lr_range.json").read_text())
+    assert curve["diverged"] and f"the loss diverged at step {len(curve['lrs'])} of 5 (LR " in out
     assert json.loads((tmp_path / "lr_range.json").read_text())["loss_fell"] is False  # the curve is kept
 
 
@@ -288,6 +291,24 @@ def test_on_the_committed_adam_curves_the_minimum_lies_near_the_best_peak_and_th
     picks = LRRangeResult(lrs=curve["lrs"], smoothed=curve["smoothed"]).suggest().picks
     assert best / 2 <= picks["minimum"] <= best * 2
     assert picks["steepest"] < best / 100
+
+
+def test_on_the_committed_adam_curves_the_100_step_minimum_is_a_plateau_and_300_steps_put_it_4x_below():
+    """The spec's recipe swept over 300 steps (cpu-adam-300, diverged at step 273) has a clear
+    minimum at 6.2e-3, and every rule more than 2x below 2.7e-2; over 100 steps (CPU, H100) the
+    smoothed loss is flat within 0.014 from 0.005 to 0.03, so their minimum near 2.7e-2 is noise."""
+    best = 0.027
+    curve = json.loads((REPO / "results/lr_range/cpu-adam-300/lr_range.json").read_text())
+    picks = LRRangeResult(lrs=curve["lrs"], smoothed=curve["smoothed"]).suggest().picks
+    assert curve["args"]["num_iter"] == 300 and curve["diverged"] and len(curve["lrs"]) == 273
+    assert picks["minimum"] == pytest.approx(0.00616, rel=0.01)
+    assert picks["steepest"] == pytest.approx(7.76e-5, rel=0.01)
+    assert max(picks.values()) < best / 2
+    for path in ("results/gpu/h100/spec-recipe-auto/metrics.json", "results/lr_range/cpu-adam-100/lr_range.json"):
+        record = json.loads((REPO / path).read_text())
+        record = record.get("lr_range", record)
+        plateau = [loss for lr, loss in zip(record["lrs"], record["smoothed"]) if 0.005 <= lr <= 0.03]
+        assert len(plateau) >= 8 and max(plateau) - min(plateau) < 0.014
 
 
 @pytest.mark.parametrize("folder", ["cpu-sgd-100", "cpu-sgd-300", "cpu-sgd-warm"])
