@@ -131,30 +131,40 @@ def readme_block(marker, language):
     return textwrap.dedent(text[start:text.index("```", start)])
 
 
-@pytest.mark.slow
-def test_readme_try_it_lines_and_python_snippet_run_as_written(cifar, tmp_path):
-    """A newcomer's first minutes, in a fresh folder holding the project's scripts and ./data: the
-    'Try it' lines one after another, then the 'From Python' snippet, each exactly as the README
-    has it."""
+@pytest.fixture
+def newcomer(cifar, tmp_path):
+    """A fresh folder holding the project's scripts and ./data, and the environment to run them in."""
     for script in REPO.glob("*.py"):
         (tmp_path / script.name).symlink_to(script)
     (tmp_path / "data").symlink_to(cifar)
-    env = {**script_env(), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    return tmp_path, {**script_env(), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+
+
+@pytest.mark.slow
+def test_readme_try_it_lines_run_as_written(newcomer):
+    """A newcomer's first minutes: the 'Try it' lines one after another, exactly as the README has
+    them."""
+    folder, env = newcomer
     lines = readme_block("## Try it in a few minutes on a CPU", "bash").splitlines()
     assert [line.split()[1] for line in lines] == ["train.py", "gradcam.py", "lr_range.py"]
     for line in lines:
-        res = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        res = subprocess.run(line, shell=True, cwd=folder, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, (line, res.stderr[-3000:])
-    quick = tmp_path / "runs" / "quick"
+    quick = folder / "runs" / "quick"
     assert json.loads((quick / "metrics.json").read_text())["final_test_acc"] > 18  # chance is 10%
     for name in ["best.pt", "curves.png", "misclassified.png", "gradcam.png", "confusion.png", "lr_range/lr_range.png"]:
         assert (quick / name).is_file(), name
-    res = subprocess.run([sys.executable, "-c", readme_block("**From Python**", "python")], cwd=tmp_path,
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_runs_as_written(newcomer):
+    """The 'From Python' snippet, exactly as the README has it (apart from the 'Try it' test, so the
+    two run side by side)."""
+    folder, env = newcomer
+    res = subprocess.run([sys.executable, "-c", readme_block("**From Python**", "python")], cwd=folder,
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "runs" / "nb" / "gradcam.png").is_file()
-
-
+    assert (folder / "runs" / "nb" / "gradcam.png").is_file()
 
 
 def test_readme_and_docstring_counts_match_the_code():
