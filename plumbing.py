@@ -214,8 +214,9 @@ def restored_args(args, world=1):
     and overwrite last.pt, so it needs --overwrite."""
     ckpt = common.load_checkpoint(args.resume)
     saved = dict(ckpt.get("args") or {})
-    if not saved:
-        raise UserError(f"{args.resume} holds no training arguments, so it cannot be resumed")
+    if not saved or "epoch" not in ckpt:  # weights alone: ema.pt, app.py --export's file, another project's
+        raise UserError(f"{args.resume} holds a model's weights but not a run's state, so it cannot be resumed; "
+                        f"resume the run's last.pt")
     for key in ("device", "data_dir", "download", "tensorboard", "resume", "overwrite", "eval_batch_size"):
         saved[key] = getattr(args, key)
     saved.setdefault("cutout_p", 1.0)  # runs saved before --cutout-p existed cut every image

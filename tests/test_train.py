@@ -426,6 +426,17 @@ def test_resuming_a_finished_run_changes_nothing(cifar, tmp_path):
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
+def test_resuming_weights_alone_is_one_sentence(tmp_path, capsys):
+    """ema.pt keeps the run's arguments with the weights, app.py --export's file only whether it
+    tested with TTA; neither holds where the run stood (it was a KeyError traceback)."""
+    for args in (vars(train.build_parser().parse_args([])), {"tta": True}):
+        torch.save({"model": ResNet18().state_dict(), "classes": list(data.CLASSES), "args": args}, tmp_path / "w.pt")
+        with pytest.raises(SystemExit) as stopped:
+            train.main(["--resume", str(tmp_path / "w.pt")])
+        assert stopped.value.code == 1
+        assert "w.pt holds a model's weights but not a run's state, so it cannot be resumed" in capsys.readouterr().err
+
+
 def test_resuming_an_earlier_checkpoint_needs_overwrite(cifar, tmp_path, monkeypatch):
     out = tmp_path / "run"
     end_epoch = plumbing.end_epoch
