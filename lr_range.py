@@ -133,8 +133,8 @@ def lr_range_test(model, optimizer, criterion, batches, *, start_lr=1e-7, end_lr
             if batch is None:  # once more from the start
                 iterator = iter(batches)
                 batch = next(iterator, None)
-            if batch is None:
-                break
+            if batch is None:  # a used-up generator: a short curve would suggest an LR in silence
+                raise ValueError(f"batches ran out at step {step} of {num_iter}; pass a list or a DataLoader")
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("batches must yield (inputs, targets) pairs, or tuples that start with them")
             inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)

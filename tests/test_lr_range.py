@@ -50,6 +50,16 @@ def scripted_run(values, **kw):
     return lr_range_test(model, optimizer, ScriptedLoss(values), batches, **kw)
 
 
+@pytest.mark.parametrize("batches, ran", [((b for b in [(torch.ones(4, 2), torch.zeros(4))] * 3), 3), ([], 0)])
+def test_batches_that_run_out_for_good_are_an_error_not_a_short_curve(batches, ran):
+    """A generator cannot start again: it gave 3 points and a suggestion as if swept (an empty list
+    gave none and a NaN LR)."""
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=f"batches ran out at step {ran} of 10; pass a list or a DataLoader"):
+        lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), ScriptedLoss([1.0] * 10), batches,
+                      num_iter=10)
+
+
 def test_smoothing_matches_hand_computation():
     result = scripted_run([2.0, 1.0, 3.0, 0.5], num_iter=4, smooth=0.05)
     assert result.losses == [2.0, 1.0, 3.0, 0.5]
