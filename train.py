@@ -106,6 +106,8 @@ def test_sums(model, images, labels, *, batch_size=1024, amp_dtype=None, tta=Tru
     pixel along the diagonal, both ways, as airbench's TTA level 2), and images. All views go in one
     forward. With pad a short last batch is padded to batch_size, so cuDNN meets one shape only;
     eval-mode BatchNorm treats each image alone, so padding changes nothing."""
+    if len(images) != len(labels):  # each batch's logits are cut to its labels: it scored fewer in silence
+        raise ValueError(f"test_sums got {len(images)} images but {len(labels)} labels")
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, num_classes, device=images.device)

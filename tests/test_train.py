@@ -481,6 +481,12 @@ def test_adam_without_a_peak_gets_its_own_never_sgd_s(cifar, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["max_lr"] == pytest.approx(0.027 / 16)
 
 
+def test_evaluating_more_images_than_labels_is_an_error():
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="test_sums got 4 images but 3 labels"):  # it scored 3 in silence
+        train.evaluate(ResNet18(), images, labels, batch_size=4)
+
+
 def test_flip_tta_accuracy_is_that_of_the_mean_of_the_two_logits():
     """Against the logits of each image and of its mirror, computed separately: labels are set to
     the mean's prediction, so TTA must score 100% while the single view scores less."""
