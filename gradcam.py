@@ -109,10 +109,10 @@ class GradCAM:
         """One class index per image: the predicted ones (None), one for all (an int), or one each."""
         if class_idx is None:
             return logits.argmax(1)
-        classes = torch.as_tensor(class_idx, device=logits.device).long().flatten()
-        if len(classes) == 1:
-            classes = classes.expand(len(logits))
-        if len(classes) != len(logits) or not ((classes >= 0) & (classes < logits.shape[1])).all():
+        given = torch.as_tensor(class_idx, device=logits.device).flatten()
+        classes = given.long().expand(len(logits)) if len(given) == 1 else given.long()
+        whole = bool((given == given.long()).all())  # 1.5 is no class (.long() made it 1)
+        if not whole or len(classes) != len(logits) or not ((classes >= 0) & (classes < logits.shape[1])).all():
             raise ValueError(f"class_idx must be one class in 0..{logits.shape[1] - 1} for all images or one "
                              f"per image ({len(logits)}), not {class_idx}")
         return classes

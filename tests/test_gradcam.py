@@ -358,12 +358,13 @@ def test_one_image_gives_one_map_and_a_batch_gives_the_same():
     ("missing", "'conv9' is not a module of this model"),
     ("classes", "one class in 0..9 for all images or one per image"),
     ("wrong count", "one class in 0..9 for all images or one per image"),
+    ("not whole", "one class in 0..9 for all images or one per image"),  # it explained class 1 in silence
 ])
 def test_inputs_a_student_may_pass_get_one_sentence(case, message):
     net = student_cnn()
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) if case == "uint8" else torch.randn(2, 3, 16, 16)
     layer = {"linear": "body.6", "unused": "unused", "missing": "conv9"}.get(case, "body.2")
-    classes = {"classes": 10, "wrong count": [1, 2, 3]}.get(case)
+    classes = {"classes": 10, "wrong count": [1, 2, 3], "not whole": 1.5}.get(case)
     with pytest.raises(ValueError, match=message):
         GradCAM(net, layer)(images, classes)
 
