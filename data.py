@@ -211,6 +211,8 @@ def random_crop(images, padding=4, generator=None):
     """RandomCrop(size, padding) for a batch (uint8 or float): zero-pad, then an independent window
     per image. A window is picked by gathering rows, then columns: index tensors shaped to broadcast
     over (image, channel, row, column)."""
+    if padding < 0:
+        raise ValueError(f"random_crop's padding must be 0 or more, not {padding}")
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
     dy = _randint(2 * padding + 1, n, generator, images.device)
@@ -227,6 +229,8 @@ def flip(images, generator=None, mask=None):
     """Horizontal flip of a random half of the batch, or of the images where mask is True."""
     if mask is None:
         mask = _randint(2, images.shape[0], generator, images.device).bool()
+    if mask.shape != images.shape[:1]:  # one value would flip all or none in silence
+        raise ValueError(f"flip's mask needs one value per image ({images.shape[0]}), not shape {tuple(mask.shape)}")
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
@@ -246,6 +250,8 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
     With p < 1 each image gets its hole with probability p (albumentations' Cutout, which the
     spec's run used, defaults to p=0.5). p=1 draws no extra random numbers, so a seed gives the
     same holes as before p existed."""
+    if size < 0 or not 0 <= p <= 1:
+        raise ValueError(f"cutout needs a size of 0 or more and p in [0, 1], not size={size}, p={p}")
     n, _, h, w = images.shape
     cy = _randint(h, n, generator, images.device)[:, None]
     cx = _randint(w, n, generator, images.device)[:, None]
@@ -290,6 +296,9 @@ def batch_indices(n, batch_size, *, shuffle=False, generator=None, drop_last=Fal
     With world_size > 1, every global batch of batch_size is split into world_size disjoint parts
     of the same permutation (same generator seed on every rank) and this rank gets its part.
     """
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_indices needs batch_size >= 1 and 0 <= rank < world_size, not {batch_size}, "
+                         f"{rank}, {world_size}")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(device) if device is not None else order
     stop = n - n % batch_size if drop_last else n
@@ -300,6 +309,8 @@ def batch_indices(n, batch_size, *, shuffle=False, generator=None, drop_last=Fal
 
 def batches(images, labels, batch_size, *, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1):
     """(images, labels) batches from device tensors: shuffled for training, in order for test."""
+    if len(images) != len(labels):
+        raise ValueError(f"batches got {len(images)} images but {len(labels)} labels")
     for idx in batch_indices(len(images), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                              rank=rank, world_size=world_size, device=images.device):
         yield images[idx], labels[idx]

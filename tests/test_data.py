@@ -310,3 +310,20 @@ def test_cutout_on_uint8_with_a_per_channel_fill_of_whole_numbers():
     images = torch.full((4, 3, 32, 32), 7, dtype=torch.uint8)
     cut = data.cutout(images, 16, (125, 123, 114), torch.Generator().manual_seed(2))
     assert cut.dtype == torch.uint8 and {125, 123, 114, 7} == set(cut.unique().tolist())
+
+
+X4 = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("call, message", [  # each ran, or failed deep in torch, before
+    (lambda: data.random_crop(X4, padding=-1), "random_crop's padding must be 0 or more, not -1"),
+    (lambda: data.flip(X4, mask=torch.tensor([True])), r"flip's mask needs one value per image \(4\), not shape"),
+    (lambda: data.cutout(X4, size=-3), "cutout needs a size of 0 or more and p in"),
+    (lambda: data.train_transform(X4, cutout_p=1.5), r"p in \[0, 1\], not size=16, p=1.5"),
+    (lambda: list(data.batches(X4, torch.zeros(3), 2)), "batches got 4 images but 3 labels"),
+    (lambda: list(data.batches(X4, torch.zeros(4), 0)), "batch_indices needs batch_size >= 1"),
+    (lambda: list(data.batch_indices(4, 2, rank=2, world_size=2)), "0 <= rank < world_size, not 2, 2, 2"),
+])
+def test_values_the_pieces_cannot_mean_are_one_sentence(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
