@@ -1,6 +1,7 @@
 """The web demo in a real headless Chromium, driven through Playwright as a person uses it: the page
 loads with a test image, an upload is explained, each control changes what is shown, a bad index
-says the range, the misclassified tab answers in seconds, and a phone-size screen shows it all.
+says the range, the misclassified tab answers in seconds and for any seed, and a phone-size screen
+shows it all.
 Skipped, with the reason, where Gradio, Playwright or Debian's chromium is missing (.ci/run
 installs them); Playwright's own browser download is not used."""
 import os
@@ -84,6 +85,14 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
     page.wait_for_function("() => [...document.querySelectorAll('.prose')].some("
                            "e => e.innerText.includes('test images misclassified'))", timeout=20_000)
     assert page.locator(".gallery img, button.thumbnail-item img, .grid-container img").count() >= 1
+    seed, first = page.get_by_label("Seed of the random pick"), page.locator("button.thumbnail-item img").first
+    for typed in ("5", "99999999999999999999"):  # the long one was an overflow in the server, "Error" here
+        shown = first.get_attribute("src")
+        seed.fill(typed)
+        page.wait_for_function("old => document.querySelector('button.thumbnail-item img').getAttribute('src') != old",
+                               arg=shown, timeout=20_000)  # another pick
+        assert "Error" not in page.inner_text("body")
+    page.screenshot(path=os.path.join(shots, "screenshot-seed.png"), full_page=True)
 
     phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     phone.goto(url)
