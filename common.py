@@ -318,7 +318,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); use another checkpoint "
                         f"(best.pt or last.pt) or train again") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{path} is not a train.py checkpoint (no model state)")
+        raise UserError(f"{path} is not a train.py checkpoint (no 'model' entry); weights saved as "
+                        f"model.state_dict() load when saved as {{'model': model.state_dict()}}")
     return ckpt
 
 

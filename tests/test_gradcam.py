@@ -262,6 +262,7 @@ def test_perfect_model_is_handled(cifar, tmp_path, monkeypatch):
     ("missing", "does not exist"), ("corrupt", "truncated or corrupt"),
     ("other", "does not fit a CIFAR ResNet18"), ("layer", "is not a convolutional layer"),
     ("linear", "is not a convolutional layer"), ("folder", "is a folder"),
+    ("state_dict", "load when saved as {'model': model.state_dict()}"),  # what a student's own training saves
 ])
 def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
     path = tmp_path / "c.pt"
@@ -273,6 +274,8 @@ def test_bad_checkpoint_or_layer_is_one_line_error(tmp_path, case, message):
         _save_random_checkpoint(path)
     elif case == "folder":
         path = tmp_path
+    elif case == "state_dict":
+        torch.save(ResNet18().state_dict(), path)
     layer = {"layer": "layer9", "linear": "linear"}.get(case, "layer3")
     with pytest.raises(SystemExit) as stopped:  # in-process: any other exception fails the test
         gradcam.main(["--ckpt", str(path), "--layer", layer, "--data-dir", str(tmp_path), "--out", str(tmp_path)])
