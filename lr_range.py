@@ -256,6 +256,15 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     common.exit_cleanly_on_sigterm()
+    try:
+        return run(args, parser)
+    except KeyboardInterrupt:  # before the sweep's first step: no curve to keep
+        print("\nInterrupted before the sweep's first step; nothing was written", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(args, parser):
+    """lr_range.py's work: the data, the sweep, lr_range.png and lr_range.json."""
     if args.end_lr <= args.start_lr:
         parser.error("--end-lr must be larger than --start-lr")
     device = common.resolve_device(args.device, parser)

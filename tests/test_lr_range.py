@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, run_script, script_env
+import data
 import lr_range
 import train
+from conftest import REPO, run_script, script_env
 from lr_range import LRRangeResult, lr_range_test, plot_lr_range
 from resnet import ResNet18
 
@@ -171,6 +172,18 @@ def test_ctrl_c_during_the_sweep_keeps_the_curve_so_far(cifar, tmp_path, monkeyp
     assert len(curve["lrs"]) == len(curve["losses"]) == len(curve["smoothed"]) == 3
     assert curve["smoothed"][1] == pytest.approx(0.05 * curve["losses"][1] + 0.95 * curve["losses"][0])
     assert (tmp_path / "lr_range.png").is_file()
+
+
+def test_ctrl_c_before_the_first_step_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):  # Ctrl-C while the images load: it was a KeyboardInterrupt traceback
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_cifar10", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        lr_range.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert stopped.value.code == 130
+    assert "Interrupted before the sweep's first step; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "lr_range.json").exists()
 
 
 def test_sigterm_during_the_sweep_keeps_the_curve_so_far(cifar, tmp_path):
