@@ -263,7 +263,18 @@ def main(argv=None):
         demo = Demo(find_checkpoint(args.ckpt), args.data_dir, args.device)
     except common.UserError as e:
         sys.exit(f"error: {e}")
-    threading.Thread(target=score_test_set, args=(demo,), daemon=True).start()
+    scoring = threading.Thread(target=score_test_set, args=(demo,), daemon=True)
+    scoring.start()
+    try:
+        serve(demo, gr, args)
+    except BaseException as stop:  # SIGTERM's SystemExit, a busy port's
+        leave(demo, scoring, stop)
+        raise
+    leave(demo, scoring)
+
+
+def serve(demo, gr, args):
+    """The page, until Ctrl-C or SIGTERM; a busy port in one sentence."""
     try:
         build_page(demo, gr).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", args.host),
                                     server_port=args.port)
@@ -272,6 +283,21 @@ def main(argv=None):
             raise
         sys.exit(f"error: cannot serve on port {args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)}, it is "
                  f"busy; pass --port with a free one")
+
+
+def leave(demo, scoring, stop=None):
+    """Torch's forward in the launch's scoring thread aborts the interpreter's exit ('terminate
+    called', SIGABRT): while it still runs, remove the served pictures and end the process at once."""
+    if not scoring.is_alive():
+        return
+    code = stop.code if isinstance(stop, SystemExit) else 0 if stop is None else 1
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    demo.pictures.cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def export(ckpt, path):

@@ -1,6 +1,7 @@
 """app.py, the web demo, tried for real: served on a free local port and called through
 gradio_client as a browser's page would, then stopped. Skipped where Gradio is not installed."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,17 +29,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served(small_cifar, tmp_path):
-    """app.py on a random checkpoint and the 100-image test set, until the test ends; then stopped
-    with SIGTERM, as a service manager stops it, which must leave no temp folder behind."""
-    pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install -r requirements-app.txt")
-    torch.manual_seed(0)
-    torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
-    port, temp = free_port(), tmp_path / "temp"
-    temp.mkdir()
-    proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(tmp_path / "best.pt"), "--data-dir",
-                             str(small_cifar), "--device", "cpu", "--port", str(port)], cwd=REPO,
+def launch(ckpt, data_dir, temp):
+    """app.py serving ckpt on a free port, its temp files in temp; (the process, its address) once
+    the page answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(ckpt), "--data-dir", str(data_dir), "--device",
+                             "cpu", "--port", str(port)], cwd=REPO,
                             env={**script_env(), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(temp)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -46,16 +42,42 @@ def served(small_cifar, tmp_path):
     while True:
         try:
             urllib.request.urlopen(url, timeout=5)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 pytest.fail(f"app.py did not start:\n{proc.stdout.read()[-3000:]}")
             time.sleep(1)
+
+
+@pytest.fixture
+def served(small_cifar, tmp_path):
+    """app.py on a random checkpoint and the 100-image test set, until the test ends; then stopped
+    with SIGTERM, as a service manager stops it, which must leave no temp folder behind."""
+    pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install -r requirements-app.txt")
+    torch.manual_seed(0)
+    torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc, url = launch(tmp_path / "best.pt", small_cifar, temp)
     yield url, tmp_path
     proc.terminate()
     proc.wait(timeout=30)
     assert not list(temp.glob("cifar10-demo-*")), "app.py left its served pictures behind"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 0)])
+def test_stopped_while_the_test_set_is_scored_it_exits_cleanly(signum, code, cifar, tmp_path):
+    """A service manager's SIGTERM, or Ctrl-C, while the launch still scores the 10,000 test images
+    on the CPU: torch's forward in that thread aborted the exit ('terminate called', SIGABRT)."""
+    pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install -r requirements-app.txt")
+    torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
+    proc, _ = launch(tmp_path / "best.pt", cifar, tmp_path)
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=60)[0]
+    assert "Test set scored" not in out, "the scoring had finished: nothing was tested"
+    assert proc.returncode == code and "terminate called" not in out, out[-2000:]
+    assert not list(tmp_path.glob("cifar10-demo-*")), "app.py left its served pictures behind"
 
 
 def test_the_page_explains_an_upload_a_test_image_and_the_misclassified(served):
