@@ -30,13 +30,15 @@ def free_port():
 
 
 def launch(ckpt, data_dir, temp):
-    """app.py serving ckpt on a free port, its temp files in temp; (the process, its address) once
-    the page answers."""
+    """app.py serving ckpt on a free port, its temp files in temp, with Ctrl-C's signal as a terminal
+    has it (pytest-xdist's workers ignore SIGINT, and children inherit that); (the process, its
+    address) once the page answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(ckpt), "--data-dir", str(data_dir), "--device",
                              "cpu", "--port", str(port)], cwd=REPO,
                             env={**script_env(), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(temp)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while True:
