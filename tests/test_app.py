@@ -76,7 +76,10 @@ def test_stopped_while_the_test_set_is_scored_it_exits_cleanly(signum, code, cif
     torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
     proc, _ = launch(tmp_path / "best.pt", cifar, tmp_path)
     proc.send_signal(signum)
-    out = proc.communicate(timeout=60)[0]
+    try:
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()  # a process that did not stop must not outlive the test
     assert "Test set scored" not in out, "the scoring had finished: nothing was tested"
     assert proc.returncode == code and "terminate called" not in out, out[-2000:]
     assert not list(tmp_path.glob("cifar10-demo-*")), "app.py left its served pictures behind"
