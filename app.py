@@ -267,10 +267,10 @@ def main(argv=None):
     scoring.start()
     try:
         serve(demo, gr, args)
-    except BaseException as stop:  # SIGTERM's SystemExit, a busy port's
-        leave(demo, scoring, stop)
+    except (SystemExit, KeyboardInterrupt) as stop:  # SIGTERM's, a busy port's; Ctrl-C before Gradio has it
+        leave(demo, scoring, stop.code if isinstance(stop, SystemExit) else 130)
         raise
-    leave(demo, scoring)
+    leave(demo, scoring, 0)  # Gradio ended on Ctrl-C
 
 
 def serve(demo, gr, args):
@@ -285,12 +285,12 @@ def serve(demo, gr, args):
                  f"busy; pass --port with a free one")
 
 
-def leave(demo, scoring, stop=None):
+def leave(demo, scoring, code):
     """Torch's forward in the launch's scoring thread aborts the interpreter's exit ('terminate
-    called', SIGABRT): while it still runs, remove the served pictures and end the process at once."""
+    called', SIGABRT): while it still runs, remove the served pictures and end the process at once
+    with code (sys.exit's: a number, or a message for stderr and 1)."""
     if not scoring.is_alive():
         return
-    code = stop.code if isinstance(stop, SystemExit) else 0 if stop is None else 1
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -229,7 +229,7 @@ def flip(images, generator=None, mask=None):
     """Horizontal flip of a random half of the batch, or of the images where mask is True."""
     if mask is None:
         mask = _randint(2, images.shape[0], generator, images.device).bool()
-    if mask.shape != images.shape[:1]:  # one value would flip all or none in silence
+    elif mask.shape != images.shape[:1]:  # one value would flip all or none in silence
         raise ValueError(f"flip's mask needs one value per image ({images.shape[0]}), not shape {tuple(mask.shape)}")
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
