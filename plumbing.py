@@ -19,7 +19,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.optim import swa_utils
 
 import common
 import data
@@ -27,6 +26,7 @@ from common import UserError
 from resnet import ResNet18
 
 STOP_CHECK_EVERY = 10  # steps between the processes' agreements on stopping, under torchrun
+PROGRESS_SECONDS = 0.25  # the least time between progress lines: each one waits for the GPU
 SCORES = ("", "_tta", "_tta6", "_ema", "_tta_ema", "_tta6_ema")  # test accuracies: views, then the weights' average's
 
 
@@ -256,8 +256,7 @@ class TrainState:
         self.run, self.net, self.optimizer, self.scheduler, self.scaler = run, net, optimizer, scheduler, scaler
         self.max_lr, self.lr_range, self.classes = max_lr, lr_range, list(classes)
         self.steps = scheduler.total_steps // run.args.epochs  # per epoch
-        self.ema = (swa_utils.AveragedModel(net, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(run.args.ema),
-                                            use_buffers=True) if run.args.ema is not None else None)
+        self.ema = None  # with --ema, the weights' average (train.WeightAverage)
         self.aug_generator = data.device_generator(run.device, run.args.seed * 1000 + run.rank)
         self.epoch, self.step = 0, 0  # the next step to take
         self.partial = None  # an epoch stopped midway: [loss sum, correct, images] of all processes, seconds
@@ -357,7 +356,8 @@ class StepWatch:
     """Called after every training step: shows progress, checks the loss stays finite (a host sync,
     so only at progress lines on a GPU), and says whether to stop (a signal came). Progress is one
     line per epoch: '\\r'-updated on a terminal, updated in place in a notebook (a saved notebook
-    keeps one line per epoch), a few plain lines in a log file."""
+    keeps one line per epoch), a few plain lines in a log file; at most PROGRESS_SECONDS apart, so a
+    GPU's steps of a few milliseconds never wait for it."""
 
     def __init__(self, state):
         self.state, self.run = state, state.run
@@ -367,17 +367,21 @@ class StepWatch:
         self.tty = sys.stdout.isatty()
         self.notebook = not self.tty and "ipykernel" in sys.modules
         self.every = max(1, state.steps // (50 if self.tty or self.notebook else 10))
+        self.shown_step, self.shown_at = state.step, self.started
 
     def __call__(self, i, loss, sums, seen):
         step, self.last_lr, self.lr = self.first + i, self.lr, self.state.scheduler.get_last_lr()[0]
         self.finite.append(torch.isfinite(loss))
-        due = self.run.rank == 0 and ((step + 1) % self.every == 0 or step + 1 == self.state.steps)
+        now = time.perf_counter()
+        due = self.run.rank == 0 and (step + 1 == self.state.steps or (
+            step + 1 - self.shown_step >= self.every and now - self.shown_at >= PROGRESS_SECONDS))
         stopping = self.run.stop_agreed(collective=(step + 1) % STOP_CHECK_EVERY == 0)
         if due or stopping or self.run.device.type == "cpu":
             self.check_finite(step)
         if due:
             loss_sum, correct = sums.tolist()
-            rate = seen * self.run.world / (time.perf_counter() - self.started)
+            self.shown_step, self.shown_at = step + 1, time.perf_counter()
+            rate = seen * self.run.world / (self.shown_at - self.started)
             self.show(step, loss_sum / seen, 100 * correct / seen, rate)
         if stopping and step + 1 < self.state.steps:
             self.next_step = step + 1

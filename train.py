@@ -21,6 +21,7 @@ would have drawn:
     flips         with --alternate-flip, each image's first-epoch mirror: a CPU generator seeded seed + 2
 """
 import argparse
+import copy
 import datetime
 import itertools
 import os
@@ -81,8 +82,7 @@ def epoch_batches(images, labels, *, batch_size, epoch, generator, seed=0, use_f
 def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dtype=None, after_step=None, ema=None):
     """Train on every batch. Returns the summed loss and correct predictions (a tensor: no step
     waits for the GPU) and the images seen. after_step(i, loss, sums, seen) ends the epoch early
-    by returning True; ema, a torch.optim.swa_utils.AveragedModel, averages the weights after
-    every step."""
+    by returning True; ema, a WeightAverage, averages the weights after every step."""
     model.train()
     sums, seen = 0, 0
     for i, (x, y) in enumerate(batches):
@@ -95,6 +95,32 @@ def train_epoch(model, batches, criterion, optimizer, scaler, scheduler, amp_dty
         if after_step is not None and after_step(i, loss, sums, seen):
             break
     return sums, seen
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics (`module`, a copy
+    of the model): the first update copies them, each later one moves every float tensor a share
+    1 - decay of the way to the model's, in place on its device, so no step waits for the GPU."""
+
+    def __init__(self, model, decay):
+        self.module, self.decay, self.n_averaged = copy.deepcopy(model), decay, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()])
+        for average, current in pairs:
+            if average.is_floating_point() and self.n_averaged > 0:
+                average.lerp_(current, 1 - self.decay)
+            else:
+                average.copy_(current)  # the first update, and BatchNorm's step counters
+        self.n_averaged += 1
+
+    def state_dict(self):
+        return {"module": self.module.state_dict(), "n_averaged": self.n_averaged}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["module"])
+        self.n_averaged = state["n_averaged"]
 
 
 @torch.no_grad()
@@ -415,15 +441,17 @@ def batching(args):
 
 
 def new_state(run, net, max_lr, lr_range, classes):
-    """The optimizer, the OneCycle schedule over the whole run and the GradScaler (on for fp16),
-    in the state that last.pt keeps."""
+    """The optimizer, the OneCycle schedule over the whole run, the GradScaler (on for fp16) and
+    the weights' average (--ema), in the state that last.pt keeps."""
     args = run.args
     optimizer = common.make_optimizer(net, args.optimizer, max_lr, args.wd, bn_wd=args.bn_wd)
     steps = (args.limit_train or data.SPLIT_SIZE["train"]) // args.batch_size
     scheduler = one_cycle(optimizer, max_lr, args.epochs * steps, args.pct_start, div_factor=args.div_factor,
                           final_div_factor=args.final_div_factor, anneal=args.anneal)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    return plumbing.TrainState(run, net, optimizer, scheduler, scaler, max_lr, lr_range, classes)
+    state = plumbing.TrainState(run, net, optimizer, scheduler, scaler, max_lr, lr_range, classes)
+    state.ema = None if args.ema is None else WeightAverage(net, args.ema)
+    return state
 
 
 def pick_max_lr(run, ckpt, net, criterion, train_x, train_y):

@@ -48,6 +48,16 @@ def test_parallel_steps_finish_whole_and_the_deadline_stops_the_rest(cifar, tmp_
     assert not [n for n in names if n.endswith(".pt")]
 
 
+def test_a_tty_step_trains_with_its_progress_on_a_pseudo_terminal(cifar, tmp_path):
+    """default-tty: the default run as a person in a terminal sees it ('\\r'-updated progress, which
+    a log file never gets), a whole run folder beside it."""
+    res, log = driver(tmp_path, cifar, "--train-args", TINY, "--solo", "default-tty", "--parallel", "default")
+    assert res.returncode == 0 and "end default-tty: exit 0" in log and "end default: exit 0" in log, log
+    for name, tty in (("default-tty", True), ("default", False)):
+        assert json.loads((tmp_path / "work" / name / "metrics.json").read_text())["args"]["seed"] == 0
+        assert (b"\rEpoch 1/1  step 3/3" in (tmp_path / "work" / name / "log.txt").read_bytes()) == tty
+
+
 def test_a_step_that_cannot_start_in_time_is_skipped(cifar, tmp_path):
     res, log = driver(tmp_path, cifar, "--deadline", "10", "--parallel", "default", "gpu-tests")
     assert res.returncode == 0 and "skip default: 10s left" in log and "skip gpu-tests: 10s left" in log

@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from torch.optim import swa_utils
 
 import common
 import data
@@ -656,7 +655,7 @@ def test_ema_is_the_moving_average_of_every_step_s_weights_and_statistics():
                                 torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ema = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True)
+    ema = train.WeightAverage(model, 0.8)
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(5)]
     snapshots = []
 
@@ -691,18 +690,19 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
     assert 0 <= metrics["final_test_acc_ema"] <= 100
     assert metrics["final_test_acc_tta_ema"] is not None and metrics["final_test_acc_tta6_ema"] is not None
     full = common.load_checkpoint(str(out / "last.pt"))
-    assert int(full["ema"]["n_averaged"]) == 8  # 4 steps an epoch
+    assert full["ema"]["n_averaged"] == 8  # 4 steps an epoch
     assert (out / "ema.pt").is_file() == (metrics["final_test_acc_ema"] > metrics["final_test_acc"])
     if (out / "ema.pt").is_file():  # the average alone, as gradcam.py and app.py load a checkpoint
         model, *_ = common.model_from_checkpoint(common.load_checkpoint(str(out / "ema.pt")))
         for key, value in model.state_dict().items():
-            assert torch.equal(value, full["ema"]["module." + key]), key
+            assert torch.equal(value, full["ema"]["module"][key]), key
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "epoch1.pt", tmp_path / "resumed" / "last.pt")
     train.fit(resume=str(tmp_path / "resumed" / "last.pt"), data_dir=str(cifar))
     resumed = common.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
-    for key, value in full["ema"].items():
-        assert torch.equal(value, resumed["ema"][key]), key
+    assert resumed["ema"]["n_averaged"] == full["ema"]["n_averaged"]
+    for key, value in full["ema"]["module"].items():
+        assert torch.equal(value, resumed["ema"]["module"][key]), key
     net = plumbing.build_model(plumbing.Run(argparse.Namespace(**full["args"])).start(), 10)
     assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.4}
 
@@ -763,10 +763,70 @@ def test_warm_up_leaves_no_trace(cifar):
     assert all(p.grad is None for p in net.parameters())
 
 
+def watched_epoch(monkeypatch, seconds_per_step, steps=97):
+    """StepWatch over one epoch of a CUDA run (on a fake clock, no GPU needed): how many progress
+    lines and finite checks, each a host sync on a GPU."""
+    clock = iter(itertools.count(0, seconds_per_step / 4))  # StepWatch reads the clock 2 to 4 times a step
+    monkeypatch.setattr(plumbing, "time", argparse.Namespace(perf_counter=lambda: next(clock)))
+    run = argparse.Namespace(rank=0, world=1, device=torch.device("cuda"), args=argparse.Namespace(epochs=20),
+                             stop_agreed=lambda collective=True: False)
+    state = argparse.Namespace(run=run, step=0, steps=steps, epoch=0, max_lr=0.4, partial=None,
+                               scheduler=argparse.Namespace(get_last_lr=lambda: [0.1]))
+    counts = {"show": 0, "check_finite": 0}
+    for name in counts:
+        def counted(self, *args, name=name, method=getattr(plumbing.StepWatch, name)):
+            counts[name] += 1
+            return method(self, *args)
+        monkeypatch.setattr(plumbing.StepWatch, name, counted)
+    watch = plumbing.StepWatch(state)
+    for i in range(steps):
+        assert not watch(i, torch.tensor(2.0), torch.tensor([2.0 * 512 * (i + 1), 100.0]), 512 * (i + 1))
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["terminal", "notebook", "log file"])
+def test_progress_waits_for_the_gpu_at_most_a_few_times_a_second(monkeypatch, capsys, mode):
+    """An epoch of 97 steps of 10 ms, as on an H200: progress and the finite check are host syncs,
+    so they come at most every PROGRESS_SECONDS, not every step (a terminal had 97 a second). A
+    slow step (a CPU's) still shows every step on a terminal, ten lines an epoch in a log file."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: mode == "terminal")
+    if mode == "notebook":
+        monkeypatch.setitem(sys.modules, "ipykernel", argparse.Namespace())
+        monkeypatch.setattr(plumbing.StepWatch, "show", lambda self, *args: None)
+    fast = watched_epoch(monkeypatch, 0.01)
+    assert 1 <= fast["show"] <= 0.97 / plumbing.PROGRESS_SECONDS + 1 and fast["check_finite"] == fast["show"]
+    slow = watched_epoch(monkeypatch, 3.0)
+    assert slow["show"] == (97 // 9 + 1 if mode == "log file" else 97) and slow["check_finite"] == slow["show"]
+
+
+def test_the_weights_average_stays_on_its_device_and_never_reads_it():
+    """WeightAverage.update_parameters on a model on the meta device (no data: any copy to or from
+    the host, or a read such as .item(), would fail or show here): every operation it runs takes
+    and gives meta tensors only, so on a GPU no step waits for it or copies to it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for value in itertools.chain(args, (kwargs or {}).values()):
+                for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(tensor, torch.Tensor):
+                        self.seen.add(tensor.device.type)
+            return func(*args, **(kwargs or {}))
+
+    model = ResNet18().to("meta")
+    average = train.WeightAverage(model, 0.9)
+    with Devices() as mode:
+        for _ in range(3):
+            average.update_parameters(model)
+    assert mode.seen == {"meta"} and average.n_averaged == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_step_never_waits_for_the_gpu():
-    """The augmentation and train_step queue work without a host synchronisation (issue 21):
-    CUDA's sync debug mode raises on any operation that would make the host wait."""
+    """The augmentation, train_step and the weights' average queue work without a host
+    synchronisation: CUDA's sync debug mode raises on any operation that would make the host wait."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     net = ResNet18().to(device, memory_format=torch.channels_last)
@@ -781,9 +841,13 @@ def test_training_step_never_waits_for_the_gpu():
                                       drop_last=True, device=device))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
+    average = train.WeightAverage(net, 0.99)
+
     def step(idx):
         x = data.train_transform(images[idx], generator, cutout_p=0.5).contiguous(memory_format=torch.channels_last)
-        return train.train_step(net, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
+        loss, logits = train.train_step(net, x, labels[idx], criterion, optimizer, scaler, scheduler, dtype)
+        average.update_parameters(net)
+        return loss, logits
 
     step(batches[0])  # cuDNN's autotuning may synchronise on first sight of a shape
     torch.cuda.synchronize()

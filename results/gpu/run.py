@@ -10,7 +10,8 @@ A step still running at --deadline seconds is stopped (SIGTERM, then SIGKILL aft
 that could not finish in the time left is not started; OUT/log.txt says what each step did, and
 OUT/results.tar.gz (WORK without checkpoints, remade after every step) keeps what finished.
 
-A step is a recipe (below) with an optional -seedN, or one of the non-training steps.
+A step is a recipe (below) with an optional -seedN, or one of the non-training steps; either with
+-tty appended runs under a pseudo-terminal.
 """
 import argparse
 import json
@@ -32,6 +33,7 @@ RECIPES = {  # train.py flags beyond --data-dir, --out and --seed
     "altflip": "--alternate-flip",
     "ls0.2": "--label-smoothing 0.2",
     "lr0.4": "--max-lr 0.4",
+    "lr0.8": "--max-lr 0.8",  # above the default's 0.4, the highest peak measured so far
     "levers": ALL_LEVERS,
     "b256": "--batch-size 256",  # the peak LR follows the batch: 0.1
     "spec-recipe": SPEC,
@@ -70,8 +72,15 @@ OTHER_STEPS = {  # name: command, run in the repository root, with {dir} the ste
 }
 
 
+PTY = "import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))"
+
+
 def step_command(name, folder, data_dir=".data", train_args=""):
-    """The shell command of a step: a recipe trains with --seed N (default 0) and train_args."""
+    """The shell command of a step: a recipe trains with --seed N (default 0) and train_args; STEP-tty
+    runs STEP with its output through a pseudo-terminal, as a person in a terminal sees it."""
+    if name.endswith("-tty"):
+        inner = step_command(name.removesuffix("-tty"), folder, data_dir, train_args)
+        return f"{PYTHON} -c {shlex.quote(PTY)} {inner} < /dev/null"
     if name in OTHER_STEPS:
         return OTHER_STEPS[name].format(dir=shlex.quote(folder), data=shlex.quote(data_dir), python=PYTHON)
     recipe, _, seed = name.partition("-seed")
