@@ -245,24 +245,14 @@ def main(argv=None):
     parser.add_argument("--export", metavar="FILE", help="write the checkpoint's weights alone to FILE (about 45 MB, "
                                                          "for a Space: no optimizer state) and exit")
     args = parser.parse_args(argv)
-    common.exit_cleanly_on_sigterm()  # a service manager's stop still removes the served pictures
     if args.export:
-        try:
-            export(find_checkpoint(args.ckpt), args.export)
-        except common.UserError as e:
-            sys.exit(f"error: {e}")
-        except OSError as e:  # no such folder, no permission, a folder by that name
-            sys.exit(f"error: cannot write {args.export} ({e.strerror}); choose another --export path")
-        return
+        return common.main_guard(lambda: export(find_checkpoint(args.ckpt), args.export))
     try:
         import gradio as gr
     except ImportError:
         sys.exit("error: app.py needs Gradio, an optional extra of this project: pip install -r requirements-app.txt")
     common.resolve_device(args.device, parser)
-    try:
-        demo = Demo(find_checkpoint(args.ckpt), args.data_dir, args.device)
-    except common.UserError as e:
-        sys.exit(f"error: {e}")
+    demo = common.main_guard(lambda: Demo(find_checkpoint(args.ckpt), args.data_dir, args.device))
     scoring = threading.Thread(target=score_test_set, args=(demo,), daemon=True)
     scoring.start()
     try:
@@ -307,7 +297,10 @@ def export(ckpt, path):
     common.model_from_checkpoint(state, "cpu", ckpt)  # refuse what could not be served
     kept = {key: state[key] for key in ("model", "classes", "mean", "std", "arch") if key in state}
     kept["args"] = {"tta": bool((state.get("args") or {}).get("tta", False))}
-    common.save_atomic(path, lambda f: torch.save(kept, f))
+    try:
+        common.save_atomic(path, lambda f: torch.save(kept, f))
+    except OSError as e:  # no such folder, no permission, a folder by that name
+        raise common.UserError(f"cannot write {path} ({e.strerror}); choose another --export path") from None
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB) from {ckpt}")
 
 

@@ -14,10 +14,8 @@ A benchmark, not a test: the numbers go to the terminal and, with --json, to a f
 device time on CUDA, CPU time elsewhere.
 """
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -233,7 +231,8 @@ def forward_flops_per_image(device):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size (default 128)")
+    parser.add_argument("--batch-size", type=common.int_at_least(1, maximum=data.SPLIT_SIZE["train"]), default=128,
+                        help="training batch size (default 128)")
     parser.add_argument("--eval-batch-size", type=common.positive_int, default=1024,
                         help="batch size for the eval timing (default 1024)")
     parser.add_argument("--steps", type=common.positive_int, default=10, help="steps per timed window (default 10)")
@@ -262,10 +261,7 @@ def build_parser():
 def bench_data(args):
     """(images, labels, what they are): CIFAR-10's train set, or enough seeded random images."""
     if args.data_dir:
-        try:
-            images, labels, _ = data.load_cifar10(args.data_dir, "train")
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
+        images, labels, _ = data.load_cifar10(args.data_dir, "train")
         return images, labels, "CIFAR-10 train set"
     gen = torch.Generator().manual_seed(0)
     needed = args.batch_size * max(args.warmup + args.steps * args.windows, 8)
@@ -288,23 +284,16 @@ def main(argv=None):
     if args.cuda_graph and (device.type != "cuda" or args.compile or common.amp_dtype(device, not args.no_amp)
                             == torch.float16):
         parser.error("--cuda-graph needs a CUDA GPU with bf16 or fp32 (no GradScaler) and no --compile")
-    images, labels, source = bench_data(args)
-    if args.batch_size > len(images):
-        parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} images")
+    return common.main_guard(lambda: bench(args, device))
 
+
+def bench(args, device):
+    """bench.py's work: the data, the measurements, and --json's file."""
+    images, labels, source = bench_data(args)
     print(f"bench on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, {source}", flush=True)
-    try:
-        result = measure(images, labels, source, args, device)
-    except RuntimeError as e:
-        if not common.out_of_memory(e):
-            raise
-        sys.exit(f"error: {common.OUT_OF_MEMORY}")
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
+    result = measure(images, labels, source, args, device)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **result}, f, indent=1)
+        common.save_json(args.json, {"args": vars(args), **result})
     return result
 
 
@@ -326,8 +315,7 @@ def measure(images, labels, source, args, device):
         profile["wall_ms_per_step"] = 1e3 * args.batch_size / result["default_images_per_s"]
         print_profile(profile)
         run = {key: result[key] for key in ("device", "device_name", "torch", "batch_size", "precision", "compile")}
-        with open(args.profile, "w") as f:
-            json.dump({**run, **profile}, f, indent=1)
+        common.save_json(args.profile, {**run, **profile})
     if not args.skip_reference:
         ref_rates = reference_path(images, labels, args, device)
         result["reference_images_per_s"] = statistics.median(ref_rates)

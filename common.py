@@ -27,6 +27,36 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, never as a traceback."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A script stopped by a signal after saving what it could and saying so; it exits with 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def main_guard(work, interrupted="Interrupted: the files written so far are whole; run again for the rest"):
+    """Every script's exit policy: run work() and end what a user can meet in one sentence and an exit
+    code, never a traceback: UserError or DataError (exit 1), running out of memory (1), Ctrl-C (130,
+    after `interrupted`), a Stopped run (128 + its signal). SIGTERM exits with 143 through SystemExit,
+    so open saves clean up. Under torchrun only rank 0 speaks. Anything else keeps its traceback."""
+    exit_cleanly_on_sigterm()
+    speaks = os.environ.get("RANK", "0") == "0"
+    try:
+        return work()
+    except (UserError, data.DataError) as e:
+        message = f"error: {e}"
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
+            raise
+        message = f"error: {OUT_OF_MEMORY}"
+    except KeyboardInterrupt as e:
+        if speaks and not isinstance(e, Stopped):
+            print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    sys.exit(message if speaks else 1)
+
+
 def out_of_memory(error):
     """Whether an exception is the device running out of memory: a GPU's OutOfMemoryError, or the
     RuntimeError of the CPU's allocator."""

@@ -196,9 +196,6 @@ def one_or_batch(transform):
     channels-last input is refused (check_layout)."""
     @functools.wraps(transform)
     def wrapper(images, *args, **kwargs):
-        if images.dim() not in (3, 4):
-            raise ValueError(f"{transform.__name__} takes a batch N x C x H x W or one image C x H x W, "
-                             f"not shape {tuple(images.shape)}")
         check_layout(images, transform.__name__)
         if images.dim() == 3:
             return transform(images[None], *args, **kwargs)[0]
@@ -211,8 +208,6 @@ def random_crop(images, padding=4, generator=None):
     """RandomCrop(size, padding) for a batch (uint8 or float): zero-pad, then an independent window
     per image. A window is picked by gathering rows, then columns: index tensors shaped to broadcast
     over (image, channel, row, column)."""
-    if padding < 0:
-        raise ValueError(f"random_crop's padding must be 0 or more, not {padding}")
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
     dy = _randint(2 * padding + 1, n, generator, images.device)
@@ -270,16 +265,13 @@ def cutout(images, size=16, fill=0.0, generator=None, p=1.0):
 def _fill_tensor(fill, images):
     """fill (a number or one per channel) as a 1 x C x 1 x 1 tensor of the images' dtype."""
     values = torch.as_tensor(fill, dtype=torch.float64).flatten()
-    if len(values) not in (1, images.shape[1]):
-        raise ValueError(f"cutout's fill has {len(values)} values for {images.shape[1]} channels; pass one "
-                         f"number or one per channel")
     if not images.is_floating_point() and ((values != values.round()) | (values < 0) | (values > 255)).any():
         raise ValueError(f"cutout on uint8 images needs a fill of whole numbers in 0..255, not {fill}; cut "
                          f"after data.normalize to fill with normalized values")
     return values.to(images.dtype).to(images.device).view(1, -1, 1, 1)
 
 
-def train_transform(images, generator=None, *, use_flip=True, cutout_p=1.0, flip_mask=None):
+def train_transform(images, generator=None, *, use_flip=True, cutout_p=0.5, flip_mask=None):
     """The training augmentation of a uint8 batch: RandomCrop(32, padding=4), a horizontal flip (at
     random, or where flip_mask says; none without use_flip), normalize, Cutout 16x16 (on each image
     with probability cutout_p)."""
@@ -296,9 +288,6 @@ def batch_indices(n, batch_size, *, shuffle=False, generator=None, drop_last=Fal
     With world_size > 1, every global batch of batch_size is split into world_size disjoint parts
     of the same permutation (same generator seed on every rank) and this rank gets its part.
     """
-    if batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"batch_indices needs batch_size >= 1 and 0 <= rank < world_size, not {batch_size}, "
-                         f"{rank}, {world_size}")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(device) if device is not None else order
     stop = n - n % batch_size if drop_last else n
@@ -309,8 +298,6 @@ def batch_indices(n, batch_size, *, shuffle=False, generator=None, drop_last=Fal
 
 def batches(images, labels, batch_size, *, shuffle=False, generator=None, drop_last=False, rank=0, world_size=1):
     """(images, labels) batches from device tensors: shuffled for training, in order for test."""
-    if len(images) != len(labels):
-        raise ValueError(f"batches got {len(images)} images but {len(labels)} labels")
     for idx in batch_indices(len(images), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                              rank=rank, world_size=world_size, device=images.device):
         yield images[idx], labels[idx]

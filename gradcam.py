@@ -75,34 +75,23 @@ class GradCAM:
             hook.remove()
         activations = self.check_map(caught)
         score = logits.gather(1, self.classes_for(class_idx, logits)[:, None]).sum()
-        gradients = None
-        if score.requires_grad and activations.requires_grad:
-            gradients = torch.autograd.grad(score, activations, allow_unused=True)[0]
-        if gradients is None:
-            raise ValueError("the class scores do not depend on this layer's output; pick a layer on the path "
-                             "from the input to the logits")
+        gradients = torch.autograd.grad(score, activations)[0]
         maps = cam_from(activations.detach(), gradients, x.shape[-2:])
         return (maps[0], logits[0].detach()) if single else (maps, logits.detach())
 
     @staticmethod
     def check_map(caught):
         """The target layer's one output, a map of at least 2 x 2: a layer the forward calls more than
-        once (torchvision's BasicBlock reuses its ReLU) has no one map to explain."""
-        if not caught:
-            raise ValueError("the target layer was not called by the model's forward; pick one that is")
-        if len(caught) > 1:
-            raise ValueError(f"the target layer runs {len(caught)} times in one forward, so its map is ambiguous; "
-                             f"pick a module that runs once, such as the block or the convolution that holds it")
-        activations = caught[0]
-        if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
-            what = tuple(activations.shape) if isinstance(activations, torch.Tensor) else type(activations).__name__
-            raise ValueError(f"the target layer's output ({what}) is not a spatial map N x C x H x W; pick a "
-                             f"convolution or a block of them")
-        h, w = activations.shape[-2:]
+        once (torchvision's BasicBlock reuses its ReLU) has no one map to explain, and a 1 x 1 map
+        would be flat, all blue, for every class."""
+        if len(caught) != 1:
+            raise ValueError(f"the target layer ran {len(caught)} times in one forward; pick a module that runs once "
+                             f"on the way to the logits, such as the block or the convolution that holds it")
+        h, w = caught[0].shape[-2:]
         if h * w < 4:
             raise ValueError(f"the target layer's map is {h} x {w} at this input size, too small to localize "
                              f"anything; pick an earlier layer")
-        return activations
+        return caught[0]
 
     @staticmethod
     def classes_for(class_idx, logits):
@@ -278,15 +267,6 @@ def report(ckpt, data_dir="./data", out=None, layer="layer3", count=10, alpha=0.
     and return the figures: {'summary', 'misclassified', 'gradcam', 'confusion'} (figures are None
     when nothing was misclassified). Predictions use flip TTA if the run was tested with it (tta=None)
     or as tta says. Raises common.UserError or data.DataError with one sentence."""
-    if not 1 <= count <= MAX_COUNT:
-        raise common.UserError(f"--count must lie in 1..{MAX_COUNT} (one figure row per image); for other "
-                               f"images, run again with another --seed")
-    if not 0 <= alpha <= 1:  # as the command line checks them, for a call from Python
-        raise common.UserError(f"--alpha must lie between 0 and 1, got {alpha}")
-    if seed is not None and not 0 <= seed <= common.SEED_MAX:
-        raise common.UserError(f"--seed must lie in 0..{common.SEED_MAX:,}, got {seed}")
-    if limit_test is not None and limit_test < 1:
-        raise common.UserError(f"--limit-test must be at least 1, got {limit_test}")
     loaded = load_model(ckpt, device)
     model, classes, mean, std, run_tta = loaded
     tta = run_tta if tta is None else tta
@@ -499,8 +479,9 @@ def build_parser():
     add("--out", default=None, help="output folder (default: the checkpoint's folder)")
     add("--layer", default="layer3", help="target layer by module name: conv1, layer1 to layer4, a block such as "
                                           "layer3.0, or a convolution in one (default layer3: an 8x8 map)")
-    add("--count", type=common.positive_int, default=10, help=f"images to show, at most {MAX_COUNT} (default 10)")
-    add("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
+    add("--count", type=common.int_at_least(1, maximum=MAX_COUNT), default=10,
+        help=f"images to show, at most {MAX_COUNT}: a figure row each (default 10)")
+    add("--alpha", type=common.probability, default=0.5, help="heatmap opacity in the overlays, 0..1 (default 0.5)")
     add("--seed", type=common.seed, default=None, help="pick misclassified images at random with this seed (default: "
                                                "the first ones)")
     add("--limit-test", type=common.positive_int, default=None, help="search only the first N test images")
@@ -513,27 +494,17 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        parser.error("--alpha must lie between 0 and 1")
-    if args.count > MAX_COUNT:
-        parser.error(f"--count must be at most {MAX_COUNT} (one figure row per image); for other images, run "
-                     f"again with another --seed")
     common.resolve_device(args.device, parser)
-    common.exit_cleanly_on_sigterm()
-    try:
-        if args.image:
-            summary = explain_images(args.ckpt, args.image, args.out, args.layer, args.class_name, args.alpha,
-                                     args.top_k, args.device, args.tta)
-            if summary["errors"]:
-                sys.exit(1)
-            return summary
-        return report(args.ckpt, args.data_dir, args.out, args.layer, args.count, args.alpha, args.seed,
-                      args.limit_test, args.device, args.download, args.tta)["summary"]
-    except (common.UserError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("\nInterrupted: the files written so far are whole; run again for the rest", file=sys.stderr)
-        sys.exit(130)
+    if args.image:
+        summary = common.main_guard(lambda: explain_images(args.ckpt, args.image, args.out, args.layer,
+                                                           args.class_name, args.alpha, args.top_k, args.device,
+                                                           args.tta))
+        if summary["errors"]:
+            sys.exit(1)
+        return summary
+    return common.main_guard(lambda: report(args.ckpt, args.data_dir, args.out, args.layer, args.count, args.alpha,
+                                            args.seed, args.limit_test, args.device, args.download,
+                                            args.tta))["summary"]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import copy
 import math
 import os
-import sys
+import signal
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -239,7 +239,7 @@ def build_parser():
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip in the augmentation")
     p.add_argument("--cutout-p", type=common.probability, default=0.5,
                    help="probability of the Cutout hole per image (default 0.5)")
-    p.add_argument("--limit-train", type=common.positive_int, default=None,
+    p.add_argument("--limit-train", type=common.int_at_least(1, maximum=data.SPLIT_SIZE["train"]), default=None,
                    help="use only the first N training images")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -255,27 +255,21 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    common.exit_cleanly_on_sigterm()
-    try:
-        return run(args, parser)
-    except KeyboardInterrupt:  # before the sweep's first step: no curve to keep
-        print("\nInterrupted before the sweep's first step; nothing was written", file=sys.stderr)
-        sys.exit(130)
-
-
-def run(args, parser):
-    """lr_range.py's work: the data, the sweep, lr_range.png and lr_range.json."""
     if args.end_lr <= args.start_lr:
         parser.error("--end-lr must be larger than --start-lr")
+    images = args.limit_train or data.SPLIT_SIZE["train"]
+    if args.batch_size > images:
+        parser.error(f"--batch-size {args.batch_size} is larger than the {images} training images")
     device = common.resolve_device(args.device, parser)
-    try:
-        common.check_writable(args.out)
-        images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
-    except (data.DataError, common.UserError) as e:
-        sys.exit(f"error: {e}")
+    return common.main_guard(lambda: run(args, device))
+
+
+def run(args, device):
+    """lr_range.py's work: the data, the sweep, lr_range.png and lr_range.json. Stopped by Ctrl-C or
+    SIGTERM during the sweep, it saves the curve so far."""
+    common.check_writable(args.out)
+    images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
     images, labels = images[:args.limit_train], labels[:args.limit_train]
-    if args.batch_size > len(images):
-        parser.error(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
     amp_dtype = common.amp_dtype(device, args.amp)
     torch.manual_seed(args.seed)
     model = ResNet18().to(device, memory_format=torch.channels_last)
@@ -290,24 +284,20 @@ def run(args, parser):
                                batches, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
                                step_mode=args.step_mode, amp_dtype=amp_dtype, transform=augment,
                                progress=progress_printer(args.num_iter), rule=args.rule, result=so_far)
-    except RuntimeError as e:
-        if not common.out_of_memory(e):
-            raise
-        sys.exit(f"error: {common.OUT_OF_MEMORY}")
-    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM through exit_cleanly_on_sigterm
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM through common.main_guard
         if not so_far.lrs:
             raise
         save_curve(so_far.suggest(args.rule), args)
         print(f"Stopped at step {len(so_far.lrs)} of {args.num_iter}; the curve so far is saved (run again for "
               f"the whole sweep)")
-        sys.exit(130 if isinstance(stop, KeyboardInterrupt) else stop.code)
+        raise common.Stopped(signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM) from None
     if result.diverged:
         print(f"the loss diverged at step {len(result.lrs)} of {args.num_iter} (LR {result.lrs[-1]:.3g}); the sweep "
               f"stopped there")
     save_curve(result, args)
     if not result.loss_fell:
-        sys.exit(f"error: {result.no_fall()}; sweep from a lower --start-lr if it rose at once, or further "
-                 f"(--end-lr, --num-iter) if it stayed flat")
+        raise common.UserError(f"{result.no_fall()}; sweep from a lower --start-lr if it rose at once, or further "
+                               f"(--end-lr, --num-iter) if it stayed flat")
     print("LRs read off the smoothed curve: " + ", ".join(f"{name} {lr:.3g}" for name, lr in result.picks.items()))
     print(f"suggested max LR ({result.rule}): {result.suggested_lr:.3g}")
     return result

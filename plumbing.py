@@ -8,6 +8,7 @@ STOP_CHECK_EVERY steps and after each epoch, so all stop at one point, and rank 
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import shlex
@@ -32,14 +33,6 @@ SCORES = ("", "_tta", "_tta6", "_ema", "_tta_ema", "_tta6_ema")  # test accuraci
 
 class NonFiniteLoss(UserError):
     pass
-
-
-class Stopped(KeyboardInterrupt):
-    """A run stopped by a signal after saving; train.main() exits with 128 + signum."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,10 +134,6 @@ def tensorboard_writer(folder):
 
 def validate(args, world_size=1):
     """Checks that argparse cannot express; raises UserError with one sentence."""
-    if args.limit_train is not None and args.limit_train > data.SPLIT_SIZE["train"]:
-        raise UserError(f"--limit-train {args.limit_train} is larger than the training set (50,000)")
-    if args.limit_test is not None and args.limit_test > data.SPLIT_SIZE["test"]:
-        raise UserError(f"--limit-test {args.limit_test} is larger than the test set (10,000)")
     n_train = args.limit_train or data.SPLIT_SIZE["train"]
     if args.batch_size > n_train:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
@@ -219,11 +208,10 @@ def restored_args(args, world=1):
                         f"resume the run's last.pt")
     for key in ("device", "data_dir", "download", "tensorboard", "resume", "overwrite", "eval_batch_size"):
         saved[key] = getattr(args, key)
-    saved.setdefault("cutout_p", 1.0)  # runs saved before --cutout-p existed cut every image
     saved["out"] = os.path.dirname(os.path.abspath(args.resume))
     restored = argparse.Namespace(**{**vars(args), **saved})
     if ckpt["epoch"] >= restored.epochs:
-        return restored, ckpt  # a finished run: nothing to check, train.run() says so
+        return restored, ckpt  # a finished run: nothing to check, train.start() says so
     if len(ckpt["aug_generator"]) != world:
         raise UserError(f"{args.resume} was saved by {len(ckpt['aug_generator'])} process(es); resume it "
                         f"with the same number (torchrun --nproc_per_node)")
@@ -245,6 +233,14 @@ def resume_command(run):
     for flag, value, default in (("--data-dir", args.data_dir, "./data"), ("--device", args.device, "auto")):
         command += [flag, str(value)] if value != default else []
     return shlex.join(command)
+
+
+def megabytes(checkpoint):
+    """The size of a checkpoint's tensors (its nested dicts and lists), in MB."""
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.numel() * checkpoint.element_size() / 1e6
+    parts = checkpoint.values() if isinstance(checkpoint, dict) else checkpoint if isinstance(checkpoint, list) else ()
+    return sum(megabytes(part) for part in parts)
 
 
 class TrainState:
@@ -293,8 +289,7 @@ class TrainState:
         self.aug_generator.set_state(ckpt["aug_generator"][self.run.rank])
         self.epoch, self.step, self.saved_epoch = ckpt["epoch"], ckpt["step"], ckpt["epoch"]
         self.history, self.best_acc = ckpt["history"], ckpt["best_acc"]
-        # checkpoints saved before the seconds were kept have three entries; that time is lost
-        self.partial = (list(ckpt["partial"]) + [0.0])[:4] if ckpt.get("partial") else None
+        self.partial = ckpt["partial"]
         self.run.log(f"Resuming {self.run.args.out} at epoch {self.epoch + 1}, step {self.step}")
         if self.run.rank == 0:
             write_metrics(self)  # a kill between last.pt and metrics.json must not part them
@@ -307,11 +302,19 @@ class TrainState:
                 common.save_atomic(os.path.join(self.run.args.out, name), lambda f: torch.save(checkpoint, f))
         except common.DiskFull as e:
             kept = (f"last.pt of epoch {self.saved_epoch} is intact: resume with {resume_command(self.run)}"
-                    if self.saved_epoch else "no checkpoint was kept")
-            raise common.DiskFull(f"{e}: a checkpoint needs about 89 MB, and room for one more while it is "
-                                  f"written; {kept}") from None
+                    if self.saved_epoch is not None else "no checkpoint was kept")
+            raise common.DiskFull(f"{e}: a checkpoint needs about {megabytes(checkpoint):.0f} MB, and room for one "
+                                  f"more while it is written; {kept}") from None
         if "last.pt" in names:
             self.saved_epoch = self.epoch
+
+    def share_statistics(self):
+        """Under torchrun each process's BatchNorm statistics are its own: rank 0's go to every process
+        (the weights' average's too), so all test one model and rank 0 saves what was tested."""
+        if self.run.world > 1:
+            averaged = () if self.ema is None else self.ema.module.buffers()
+            for buffer in itertools.chain(self.net.buffers(), averaged):
+                dist.broadcast(buffer, 0)
 
     def kept(self):
         """What the run folder holds that this run wrote or resumed from, in words."""
@@ -323,7 +326,7 @@ class TrainState:
     def stop(self, where, stats=None):
         """Stop on a signal, every process at once. Mid-epoch (stats given), where the epoch stands
         and its sums so far go into a new last.pt; after an epoch, its last.pt is already saved.
-        Rank 0 says how to go on; every process raises Stopped."""
+        Rank 0 says how to go on; every process raises common.Stopped."""
         if stats is not None:
             self.step, self.partial = stats["next_step"], stats["totals"] + [stats["seconds"]]
             checkpoint = self.checkpoint()  # every process joins its gather
@@ -336,7 +339,7 @@ class TrainState:
                   f"Resume with: {resume_command(self.run)}", flush=True)
         if self.run.world > 1:
             dist.barrier()
-        raise Stopped(signum)
+        raise common.Stopped(signum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +388,11 @@ class StepWatch:
             self.show(step, loss_sum / seen, 100 * correct / seen, rate)
         if stopping and step + 1 < self.state.steps:
             self.next_step = step + 1
+        return self.stopped
+
+    @property
+    def stopped(self):
+        """Whether a signal stopped the epoch before its last step."""
         return self.next_step < self.state.steps
 
     def check_finite(self, step):
@@ -420,21 +428,22 @@ class StepWatch:
                 "next_step": self.next_step}
 
 
-def warm_up(train_steps, test, state, steps=3):
-    """A few training steps and one test pass on the run's exact shapes, then every state put back:
-    cuDNN's autotuning (and torch.compile) happen before the clock starts. train_steps(n) and
-    test() are the run's own, on a generator of their own. Returns the seconds."""
+def warm_up(state, train_steps, test):
+    """train_steps() and test() run the run's own step and test pass on its exact shapes, then every
+    state is put back: cuDNN's autotuning (and torch.compile) happen before the clock starts."""
     start = time.perf_counter()
     parts = [state.net, state.optimizer, state.scheduler, state.scaler]
     saved = copy.deepcopy([part.state_dict() for part in parts])
-    train_steps(steps)
+    train_steps()
     test()
     for part, part_state in zip(parts, saved):
         part.load_state_dict(part_state)
     state.optimizer.zero_grad(set_to_none=True)
     if state.run.device.type == "cuda":
         torch.cuda.synchronize(state.run.device)
-    return time.perf_counter() - start
+    state.warmup_seconds = time.perf_counter() - start
+    what = ", ".join(["cuDNN autotuning"] * (state.run.device.type == "cuda") + ["compilation"] * state.run.args.compile)
+    state.run.log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
 
 
 # ---------------------------------------------------------------------------------------------

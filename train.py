@@ -5,12 +5,13 @@
     torchrun --nproc_per_node=2 train.py ...         # DistributedDataParallel; BatchNorm statistics
                                                      # stay per process (--sync-bn shares them)
 
-The recipe comes first and reads on its own: train_step, epoch_batches, train_epoch, test_sums and
-evaluate, one_cycle. What a run needs besides (its folder, checkpoints and resume, Ctrl-C and
-SIGTERM, the warm-up, torchrun, metrics.json) is in plumbing.py. From a notebook:
-`history = train.fit(epochs=1, limit_train=2000)` or `train.main([...])`. The run folder gets
-best.pt, last.pt, metrics.json and curves.png (and lr_range.png with --max-lr auto, ema.pt with --ema
-when the weights' average scores better at the end).
+Read top to bottom: the recipe (train_step, epoch_batches, train_epoch, test_sums and evaluate,
+one_cycle), which needs only torch and data.py; then train(), the whole run with its epoch loop;
+then the command line and fit() for a notebook (`history = train.fit(epochs=1, limit_train=2000)`).
+plumbing.py holds the services a run uses besides: the state last.pt keeps, stopping on a signal,
+progress, the warm-up, saving, metrics.json. The run folder gets best.pt, last.pt, metrics.json and
+curves.png (and lr_range.png with --max-lr auto, ema.pt with --ema when the weights' average scores
+better at the end).
 
 Random streams, each derived from --seed alone, so a resumed run draws what an uninterrupted one
 would have drawn:
@@ -22,11 +23,8 @@ would have drawn:
 """
 import argparse
 import copy
-import datetime
 import itertools
 import os
-import signal
-import sys
 import time
 
 import torch
@@ -195,249 +193,53 @@ def one_cycle(optimizer, max_lr, total_steps, pct_start=0.25, *, div_factor=25.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    common.resolve_device(args.device, parser)
-    rank, world = plumbing.ranks()
-    if not args.resume:
-        try:
-            plumbing.validate(args, world)
-        except UserError as e:
-            parser.error(str(e))
-    try:
-        return start(args)
-    except (UserError, data.DataError) as e:
-        if rank == 0:
-            print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as e:
-        if not common.out_of_memory(e):
-            raise
-        sys.exit(f"\nerror: {common.OUT_OF_MEMORY} (or --eval-batch-size, if it ran out while testing)")
-    except KeyboardInterrupt as e:  # Stopped after saving, or a second signal
-        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
-
-
-def fit(**overrides):
-    """Notebook entry: fit(epochs=1, data_dir='./data', limit_train=2000) -> history.
-
-    Keyword names are the CLI's options with underscores, and each value is checked as the command
-    line checks its option: an unknown name raises TypeError, a wrong value UserError.
-    """
-    parser = build_parser()
-    args = parser.parse_args([])
-    options = {action.dest: action for action in parser._actions if action.dest != "help"}
-    for key, value in overrides.items():
-        if key not in options:
-            raise TypeError(f"fit() got an unknown option {key!r}")
-        setattr(args, key, checked_option(options[key], value))
-    return start(args)
-
-
-def checked_option(action, value):
-    """A fit() keyword's value as argparse would parse its option, or UserError in one sentence:
-    fit(pct_start=1.5) otherwise trained to chance in silence."""
-    name = f"fit(): {action.dest}"
-    if action.nargs == 0:  # a switch, such as --compile or --tta / --no-tta
-        if not isinstance(value, bool):
-            raise UserError(f"{name} takes True or False, got {value!r}")
-        return value
-    if value is None:
-        if action.default is not None:
-            raise UserError(f"{name} needs a value (its default is {action.default!r})")
-        return None
-    try:
-        parsed = str(value) if action.type is None else action.type(str(value))
-    except argparse.ArgumentTypeError as e:
-        raise UserError(f"{name} {e}") from None
-    if action.choices is not None and parsed not in action.choices:
-        raise UserError(f"{name} must be one of {', '.join(action.choices)}, got {value!r}")
-    return parsed
-
-
-def start(args):
-    """Train with parsed arguments (or resume the run they name); returns the history (a list of
-    per-epoch dicts)."""
-    run = plumbing.Run(args)
-    ckpt = None
-    if args.resume:
-        run.args, ckpt = plumbing.restored_args(args, run.world)
-        say_what_resume_ignores(run, args)
-        if ckpt["epoch"] >= run.args.epochs:
-            run.log(f"{args.resume} is a finished run ({ckpt['epoch']} of {run.args.epochs} epochs): nothing to "
-                    f"resume and nothing changed. To train longer, start a new run with a larger --epochs.")
-            return ckpt["history"]
-    plumbing.validate(run.args, run.world)
-    try:
-        return train(run.start(), ckpt)
-    finally:
-        if run.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def say_what_resume_ignores(run, given):
-    """--resume continues the recipe the checkpoint keeps: name each option given that it overrides
-    (a value unlike both the default and the run's), so a changed flag is never dropped in silence."""
-    defaults = vars(build_parser().parse_args([]))
-    ignored = []
-    for key, value in vars(given).items():
-        if value != defaults.get(key) and value != getattr(run.args, key):
-            name = key.replace("_", "-")
-            flag = f"--{name}" if value is True else f"--no-{name}" if value is False else f"--{name} {value}"
-            ignored.append(f"{flag} (the run's: {getattr(run.args, key)})")
-    if ignored:
-        run.log(f"--resume continues the run with the recipe it was saved with; ignored: {', '.join(ignored)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def max_lr_value(text):
-    return "auto" if text == "auto" else common.positive_float(text)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--epochs", type=common.positive_int, default=20, help="training epochs (default 20)")
-    add("--batch-size", type=common.positive_int, default=512, help="global batch, split over torchrun's processes")
-    add("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
-    add("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch CIFAR-10 when it is missing")
-    add("--out", default=None, help="run folder (default ./runs/<timestamp>)")
-    add("--overwrite", action="store_true",
-        help="write into a non-empty --out, or resume an earlier checkpoint of a run over its later last.pt")
-    add("--resume", metavar="PATH", help="continue the run saved in PATH (its last.pt)")
-    add("--optimizer", choices=["sgd", "adam"], default="sgd",
-        help="sgd (Nesterov) or adam; OneCycle cycles momentum or beta1 between 0.95 and 0.85 (default sgd)")
-    add("--max-lr", type=max_lr_value, default=None,
-        help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default: sgd {BASE_LR['sgd']:g}, adam "
-             f"{BASE_LR['adam']:g}, x batch size / {BASE_BATCH}, the linear scaling rule)")
-    add("--lr-range-steps", type=common.int_at_least(2), default=100, help="steps of --max-lr auto's test (100)")
-    add("--lr-range-rule", choices=lr_range.RULES, default=lr_range.DEFAULT_RULE,
-        help=f"how --max-lr auto reads the peak off the range test's curve (default {lr_range.DEFAULT_RULE})")
-    add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
-    add("--div-factor", type=common.positive_float, default=25.0,
-        help="OneCycle starts at the peak / this (default 25, torch's; 5 starts at 0.2 x the peak)")
-    add("--final-div-factor", type=common.positive_float, default=1e4,
-        help="OneCycle ends at the start / this (default 1e4, torch's)")
-    add("--anneal", choices=["cos", "linear"], default="cos", help="OneCycle's shape on the way down (default cos)")
-    add("--ema", type=common.fraction, default=None, metavar="DECAY",
-        help="also keep a moving average of the weights and BatchNorm statistics, DECAY per step (0.99, say), "
-             "and score it each epoch beside them")
-    add("--bn-momentum", type=common.number_in(lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.1,
-        help="BatchNorm's running statistics take this share of each batch's (default 0.1, PyTorch's)")
-    add("--zero-init-residual", action="store_true",
-        help="start each residual block's last BatchNorm scale at zero (Goyal et al. 2017)")
-    add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
-    add("--bn-wd", action=argparse.BooleanOptionalAction, default=True,
-        help="decay BatchNorm's scales and shifts and the classifier's bias too (default on)")
-    add("--label-smoothing", type=common.fraction, default=0.1, help="label smoothing (default 0.1)")
-    add("--no-flip", action="store_true", help="no random horizontal flip (the spec used none)")
-    add("--alternate-flip", action="store_true", help="mirror each image every other epoch (airbench)")
-    add("--cutout-p", type=common.probability, default=0.5,
-        help="chance of an image's 16x16 Cutout hole (default 0.5, the spec's; 1: the Cutout paper's)")
-    add("--seed", type=common.seed, default=0, help="random seed for init, order and augmentation (default 0)")
-    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    add("--amp", action=argparse.BooleanOptionalAction, default=True,
-        help="mixed precision: bf16 on GPUs from compute capability 8.0 and on CPUs with bf16 units, fp16 + "
-             "GradScaler on older GPUs (T4, V100); --no-amp: fp32")
-    add("--compile", action="store_true",
-        help="torch.compile the model (off by default: the README's Results say when it pays)")
-    add("--compile-mode", choices=common.COMPILE_MODES, default="default", help="torch.compile's mode")
-    add("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
-    add("--limit-train", type=common.positive_int, default=None, help="train on the first N images only")
-    add("--limit-test", type=common.positive_int, default=None, help="test on the first N images only")
-    add("--tta", action=argparse.BooleanOptionalAction, default=True,
-        help="also score each test image with its mirror, averaging the logits (default on)")
-    add("--tta6", action="store_true",
-        help="also score six views: the image, its mirror and one-pixel shifts of both (airbench's TTA level 2)")
-    add("--eval-batch-size", type=common.positive_int, default=1024, help="test batch size (default 1024)")
-    add("--tensorboard", metavar="DIR", default=None, help="also write TensorBoard scalars to DIR")
-    return p
-
-
-# ---------------------------------------------------------------------------------------------
 # The run: one epoch after another
 
 
-def train(run, ckpt):
-    """Load the data, build the model, pick the peak LR, then train, test and save each epoch."""
+def train(run, ckpt=None):
+    """A whole run, top to bottom: the data, the model, the peak LR and the state (or the checkpoint's),
+    then each epoch: train on its batches, test, record and save. A signal stops the run mid-epoch or
+    after an epoch, saving first (state.stop); a non-finite loss stops it before any save."""
     args = run.args
-    args.out = args.out or run.broadcast(os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-    with common.FolderLock(args.out, run.log, enabled=run.rank == 0), run:
-        train_x, train_y, test_x, test_y, classes = plumbing.load_data(run)
-        net = plumbing.build_model(run, len(classes))
-        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        max_lr, lr_range = pick_max_lr(run, ckpt, net, criterion, train_x, train_y)
-        state = new_state(run, net, max_lr, lr_range, classes)
-        state.restore(ckpt)
-        model, test_model = plumbing.forwards(run, net)
-        run.log(plumbing.header(state, len(train_x), len(test_x)))
-
-        def test():
-            result = run_test(run, test_model, test_x, test_y)
-            if state.ema is not None:  # the weights' average, scored beside them
-                scored = run_test(run, state.ema.module, test_x, test_y)
-                result.update({f"{key}_ema": value for key, value in scored.items() if key.startswith("accuracy")})
-            return result
-
-        def batches(epoch, generator, start=0):
-            return epoch_batches(train_x, train_y, epoch=epoch, generator=generator, start=start, rank=run.rank,
-                                 world=run.world, **batching(args))
-
-        if run.device.type == "cuda" or args.compile:
-            warm = batches(0, data.device_generator(run.device, 0))
-            state.warmup_seconds = plumbing.warm_up(lambda n: train_epoch(
-                model, itertools.islice(warm, n), criterion, state.optimizer, state.scaler, state.scheduler,
-                run.dtype), test, state)
-            what = ", ".join(["cuDNN autotuning"] * (run.device.type == "cuda") + ["compilation"] * args.compile)
-            run.log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
-        for _ in range(state.epoch, args.epochs):
-            run_epoch(state, model, criterion, batches(state.epoch, state.aug_generator, state.step), test)
-        if run.rank == 0:
-            plumbing.finish(state)
-        if run.world > 1:
-            dist.barrier()  # the others wait while rank 0 writes, then all leave the group together
+    train_x, train_y, test_x, test_y, classes = plumbing.load_data(run)
+    net = plumbing.build_model(run, len(classes))
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    max_lr, lr_range = pick_max_lr(run, ckpt, net, criterion, train_x, train_y)
+    state = new_state(run, net, max_lr, lr_range, classes)
+    state.restore(ckpt)
+    model, test_model = plumbing.forwards(run, net)
+    run.log(plumbing.header(state, len(train_x), len(test_x)))
+    test_x, test_y = (t.tensor_split(run.world)[run.rank] for t in (test_x, test_y))  # this process's share
+    scoring = dict(batch_size=-(-args.eval_batch_size // run.world), amp_dtype=run.dtype, tta=args.tta,
+                   tta6=args.tta6, pad=run.device.type == "cuda")  # on CUDA, batches of one shape
+    batching = dict(batch_size=args.batch_size, seed=args.seed, use_flip=not args.no_flip, cutout_p=args.cutout_p,
+                    alternate_flip=args.alternate_flip, rank=run.rank, world=run.world)
+    if run.device.type == "cuda" or args.compile:  # cuDNN's autotuning (and compilation) before the clock starts
+        warm = epoch_batches(train_x, train_y, epoch=0, generator=data.device_generator(run.device, 0), **batching)
+        plumbing.warm_up(state, lambda: train_epoch(model, itertools.islice(warm, 3), criterion, state.optimizer,
+                                                    state.scaler, state.scheduler, run.dtype),
+                         lambda: test_sums(test_model, test_x, test_y, **scoring))
+    for epoch in range(state.epoch, args.epochs):
+        batches = epoch_batches(train_x, train_y, epoch=epoch, generator=state.aug_generator, start=state.step,
+                                **batching)
+        watch = plumbing.StepWatch(state)  # after each step: progress, the finite check, a signal's stop
+        sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler,
+                                 run.dtype, after_step=watch, ema=state.ema)
+        stats = watch.summary(sums, seen)
+        if watch.stopped:
+            state.stop(f"at epoch {epoch + 1}, step {stats['next_step']}/{state.steps}", stats)
+        state.share_statistics()  # under torchrun: every process tests rank 0's BatchNorm statistics
+        result = test_result(run.all_reduce(test_sums(test_model, test_x, test_y, **scoring)), args.tta, args.tta6)
+        if state.ema is not None:  # the weights' average, scored beside them
+            average = test_result(run.all_reduce(test_sums(state.ema.module, test_x, test_y, **scoring)),
+                                  args.tta, args.tta6)
+            result.update({f"{key}_ema": value for key, value in average.items() if key.startswith("accuracy")})
+        plumbing.end_epoch(state, stats, result)
+        if epoch + 1 < args.epochs and run.stop_agreed():  # a finished run just finishes
+            state.stop(f"after epoch {epoch + 1}")
+    if run.rank == 0:
+        plumbing.finish(state)
     return state.history
-
-
-def run_epoch(state, model, criterion, batches, test):
-    """Train epoch state.epoch on its batches (from state.step, after a resume), test, record and
-    save it. A signal stops the run mid-epoch or after the epoch (every process at the same point),
-    saving first; a train or test loss that is not finite stops it before saving."""
-    run, watch = state.run, plumbing.StepWatch(state)
-    sums, seen = train_epoch(model, batches, criterion, state.optimizer, state.scaler, state.scheduler, run.dtype,
-                             after_step=watch, ema=state.ema)
-    stats = watch.summary(sums, seen)
-    if stats["next_step"] < state.steps:
-        state.stop(f"at epoch {state.epoch + 1}, step {stats['next_step']}/{state.steps}", stats)
-    if run.world > 1:  # each process's BatchNorm statistics are its own: all test, and rank 0 saves, rank 0's
-        for buffer in itertools.chain(state.net.buffers(), () if state.ema is None else state.ema.module.buffers()):
-            dist.broadcast(buffer, 0)
-    plumbing.end_epoch(state, stats, test())
-    if state.epoch < run.args.epochs and run.stop_agreed():  # a finished run just finishes
-        state.stop(f"after epoch {state.epoch}")
-
-
-def run_test(run, model, test_x, test_y):
-    """The run's test pass: each process scores its share of the test set, in batches of one
-    shape on CUDA; the sums are all-reduced."""
-    share = -(-run.args.eval_batch_size // run.world)
-    images, labels = test_x.tensor_split(run.world)[run.rank], test_y.tensor_split(run.world)[run.rank]
-    sums = test_sums(model, images, labels, batch_size=share, amp_dtype=run.dtype, tta=run.args.tta,
-                     tta6=run.args.tta6, pad=run.device.type == "cuda")
-    return test_result(run.all_reduce(sums), run.args.tta, run.args.tta6)
-
-
-def batching(args):
-    """epoch_batches' settings from the command line."""
-    return dict(batch_size=args.batch_size, seed=args.seed, use_flip=not args.no_flip, cutout_p=args.cutout_p,
-                alternate_flip=args.alternate_flip)
 
 
 def new_state(run, net, max_lr, lr_range, classes):
@@ -500,11 +302,159 @@ def sweep(run, net, criterion, train_x, train_y):
         if run.stop_agreed():
             run.log(f"\nStopped during the LR range test, at step {step + 1}; nothing was trained or saved: run "
                     f"the same command again", flush=True)
-            raise plumbing.Stopped(run.signum)
+            raise common.Stopped(run.signum)
 
     return lr_range.lr_range_test(net, optimizer, criterion, batches, num_iter=args.lr_range_steps,
                                   amp_dtype=run.dtype, transform=augment, progress=progress,
                                   mean_loss=lambda loss: run.all_reduce(loss) / run.world, rule=args.lr_range_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, and fit() for a notebook
+
+
+def max_lr_value(text):
+    return "auto" if text == "auto" else common.positive_float(text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--epochs", type=common.positive_int, default=20, help="training epochs (default 20)")
+    add("--batch-size", type=common.positive_int, default=512, help="global batch, split over torchrun's processes")
+    add("--data-dir", default="./data", help="root holding cifar-10-batches-py/ (default ./data)")
+    add("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch CIFAR-10 when it is missing")
+    add("--out", default=None, help="run folder (default ./runs/<timestamp>)")
+    add("--overwrite", action="store_true",
+        help="write into a non-empty --out, or resume an earlier checkpoint of a run over its later last.pt")
+    add("--resume", metavar="PATH", help="continue the run saved in PATH (its last.pt)")
+    add("--optimizer", choices=["sgd", "adam"], default="sgd",
+        help="sgd (Nesterov) or adam; OneCycle cycles momentum or beta1 between 0.95 and 0.85 (default sgd)")
+    add("--max-lr", type=max_lr_value, default=None,
+        help=f"OneCycle's peak LR, or 'auto': the LR range test's pick (default: sgd {BASE_LR['sgd']:g}, adam "
+             f"{BASE_LR['adam']:g}, x batch size / {BASE_BATCH}, the linear scaling rule)")
+    add("--lr-range-steps", type=common.int_at_least(2), default=100, help="steps of --max-lr auto's test (100)")
+    add("--lr-range-rule", choices=lr_range.RULES, default=lr_range.DEFAULT_RULE,
+        help=f"how --max-lr auto reads the peak off the range test's curve (default {lr_range.DEFAULT_RULE})")
+    add("--pct-start", type=common.fraction, default=0.25, help="share of training rising to the peak (0.25)")
+    add("--div-factor", type=common.positive_float, default=25.0,
+        help="OneCycle starts at the peak / this (default 25, torch's; 5 starts at 0.2 x the peak)")
+    add("--final-div-factor", type=common.positive_float, default=1e4,
+        help="OneCycle ends at the start / this (default 1e4, torch's)")
+    add("--anneal", choices=["cos", "linear"], default="cos", help="OneCycle's shape on the way down (default cos)")
+    add("--ema", type=common.fraction, default=None, metavar="DECAY",
+        help="also keep a moving average of the weights and BatchNorm statistics, DECAY per step (0.99, say), "
+             "and score it each epoch beside them")
+    add("--bn-momentum", type=common.number_in(lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.1,
+        help="BatchNorm's running statistics take this share of each batch's (default 0.1, PyTorch's)")
+    add("--zero-init-residual", action="store_true",
+        help="start each residual block's last BatchNorm scale at zero (Goyal et al. 2017)")
+    add("--wd", type=common.non_negative_float, default=5e-4, help="weight decay (default 5e-4)")
+    add("--bn-wd", action=argparse.BooleanOptionalAction, default=True,
+        help="decay BatchNorm's scales and shifts and the classifier's bias too (default on)")
+    add("--label-smoothing", type=common.fraction, default=0.1, help="label smoothing (default 0.1)")
+    add("--no-flip", action="store_true", help="no random horizontal flip (the spec used none)")
+    add("--alternate-flip", action="store_true", help="mirror each image every other epoch (airbench)")
+    add("--cutout-p", type=common.probability, default=0.5,
+        help="chance of an image's 16x16 Cutout hole (default 0.5, the spec's; 1: the Cutout paper's)")
+    add("--seed", type=common.seed, default=0, help="random seed for init, order and augmentation (default 0)")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="mixed precision: bf16 on GPUs from compute capability 8.0 and on CPUs with bf16 units, fp16 + "
+             "GradScaler on older GPUs (T4, V100); --no-amp: fp32")
+    add("--compile", action="store_true",
+        help="torch.compile the model (off by default: the README's Results say when it pays)")
+    add("--compile-mode", choices=common.COMPILE_MODES, default="default", help="torch.compile's mode")
+    add("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
+    add("--limit-train", type=common.int_at_least(1, maximum=data.SPLIT_SIZE["train"]), default=None,
+        help="train on the first N images only")
+    add("--limit-test", type=common.int_at_least(1, maximum=data.SPLIT_SIZE["test"]), default=None,
+        help="test on the first N images only")
+    add("--tta", action=argparse.BooleanOptionalAction, default=True,
+        help="also score each test image with its mirror, averaging the logits (default on)")
+    add("--tta6", action="store_true",
+        help="also score six views: the image, its mirror and one-pixel shifts of both (airbench's TTA level 2)")
+    add("--eval-batch-size", type=common.positive_int, default=1024, help="test batch size (default 1024)")
+    add("--tensorboard", metavar="DIR", default=None, help="also write TensorBoard scalars to DIR")
+    return p
+
+
+def parse_args(parser, argv):
+    """The command line's arguments, with the checks between options that argparse cannot express."""
+    args = parser.parse_args(argv)
+    common.resolve_device(args.device, parser)
+    if not args.resume:
+        try:
+            plumbing.validate(args, plumbing.ranks()[1])
+        except UserError as e:
+            parser.error(str(e))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    return common.main_guard(lambda: start(args))
+
+
+def fit(**options):
+    """Notebook entry: fit(epochs=1, data_dir='./data', limit_train=2000) -> history (a list of
+    per-epoch dicts). The keywords are the command line's options with underscores (True or False
+    for a switch), parsed by its parser: a value it refuses raises UserError with its sentence."""
+    parser = build_parser()
+    flags = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
+    argv = []
+    for key, value in options.items():
+        if key not in flags or key == "help":
+            raise TypeError(f"fit() got an unknown option {key!r}")
+        if isinstance(value, bool):
+            argv += flags[key][:1] if value else flags[key][1:]  # --tta or --no-tta; --compile or nothing
+        elif value is not None:  # None: the default
+            argv.append(f"{flags[key][0]}={value}")
+
+    def refuse(message):
+        raise UserError(f"fit(): {message}")
+
+    parser.error = refuse
+    return start(parse_args(parser, argv))
+
+
+def start(args):
+    """Train with parsed arguments, or resume the run they name, in the run folder (locked while the
+    run writes to it); returns the history."""
+    run = plumbing.Run(args)
+    ckpt = None
+    if args.resume:
+        run.args, ckpt = plumbing.restored_args(args, run.world)
+        say_what_resume_ignores(run, args)
+        if ckpt["epoch"] >= run.args.epochs:
+            run.log(f"{args.resume} is a finished run ({ckpt['epoch']} of {run.args.epochs} epochs): nothing to "
+                    f"resume and nothing changed. To train longer, start a new run with a larger --epochs.")
+            return ckpt["history"]
+    run.start()
+    try:
+        run.args.out = run.args.out or run.broadcast(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+        with common.FolderLock(run.args.out, run.log, enabled=run.rank == 0), run:
+            history = train(run, ckpt)
+            if run.world > 1:
+                dist.barrier()  # the others wait while rank 0 writes, then all leave the group together
+        return history
+    finally:
+        if run.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def say_what_resume_ignores(run, given):
+    """--resume continues the recipe the checkpoint keeps: name each option given that it overrides
+    (a value unlike both the default and the run's), so a changed flag is never dropped in silence."""
+    defaults = vars(build_parser().parse_args([]))
+    ignored = []
+    for key, value in vars(given).items():
+        if value != defaults.get(key) and value != getattr(run.args, key):
+            name = key.replace("_", "-")
+            flag = f"--{name}" if value is True else f"--no-{name}" if value is False else f"--{name} {value}"
+            ignored.append(f"{flag} (the run's: {getattr(run.args, key)})")
+    if ignored:
+        run.log(f"--resume continues the run with the recipe it was saved with; ignored: {', '.join(ignored)}")
 
 
 if __name__ == "__main__":

@@ -68,10 +68,11 @@ def served(small_cifar, tmp_path):
     assert not list(temp.glob("cifar10-demo-*")), "app.py left its served pictures behind"
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 0)])
-def test_stopped_while_the_test_set_is_scored_it_exits_cleanly(signum, code, cifar, tmp_path):
+@pytest.mark.parametrize("signum, codes", [(signal.SIGTERM, {143}), (signal.SIGINT, {0, 130})])
+def test_stopped_while_the_test_set_is_scored_it_exits_cleanly(signum, codes, cifar, tmp_path):
     """A service manager's SIGTERM, or Ctrl-C, while the launch still scores the 10,000 test images
-    on the CPU: torch's forward in that thread aborted the exit ('terminate called', SIGABRT)."""
+    on the CPU: torch's forward in that thread aborted the exit ('terminate called', SIGABRT). Ctrl-C
+    exits with 0 when Gradio's serving loop takes it, 130 when it lands just before (a busy machine)."""
     pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install -r requirements-app.txt")
     torch.save({"model": ResNet18().state_dict()}, tmp_path / "best.pt")
     proc, _ = launch(tmp_path / "best.pt", cifar, tmp_path)
@@ -81,7 +82,7 @@ def test_stopped_while_the_test_set_is_scored_it_exits_cleanly(signum, code, cif
     finally:
         proc.kill()  # a process that did not stop must not outlive the test
     assert "Test set scored" not in out, "the scoring had finished: nothing was tested"
-    assert proc.returncode == code and "terminate called" not in out, out[-2000:]
+    assert proc.returncode in codes and "terminate called" not in out, out[-2000:]
     assert not list(tmp_path.glob("cifar10-demo-*")), "app.py left its served pictures behind"
 
 

@@ -281,12 +281,6 @@ def test_one_image_is_cropped_flipped_and_cut_as_one_image(dtype):
     assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16  # 16 x 16, clipped by at most half at a border
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (2, 1, 3, 32, 32)])
-def test_a_shape_that_is_neither_one_image_nor_a_batch_is_one_sentence(shape):
-    with pytest.raises(ValueError, match=r"random_crop takes a batch N x C x H x W or one image C x H x W"):
-        data.random_crop(torch.zeros(shape))
-
-
 def test_cutout_fills_each_channel_with_its_value():
     """albumentations' habit: the hole filled with the mean per channel."""
     images = torch.rand(8, 3, 32, 32) + 1  # no pixel equals a fill value below 1
@@ -300,7 +294,7 @@ def test_cutout_fills_each_channel_with_its_value():
 
 
 @pytest.mark.parametrize("fill, message", [
-    (0.5, "whole numbers in 0..255"), ((10, 20), "2 values for 3 channels"), (300, "whole numbers in 0..255")])
+    (0.5, "whole numbers in 0..255"), ((10, 20, 30.5), "whole numbers in 0..255"), (300, "whole numbers in 0..255")])
 def test_cutout_fills_that_do_not_fit_uint8_are_one_sentence(fill, message):
     with pytest.raises(ValueError, match=message):
         data.cutout(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16, fill)
@@ -315,14 +309,10 @@ def test_cutout_on_uint8_with_a_per_channel_fill_of_whole_numbers():
 X4 = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("call, message", [  # each ran, or failed deep in torch, before
-    (lambda: data.random_crop(X4, padding=-1), "random_crop's padding must be 0 or more, not -1"),
+@pytest.mark.parametrize("call, message", [  # each ran in silence before: no hole, or every image cut
     (lambda: data.flip(X4, mask=torch.tensor([True])), r"flip's mask needs one value per image \(4\), not shape"),
     (lambda: data.cutout(X4, size=-3), "cutout needs a size of 0 or more and p in"),
     (lambda: data.train_transform(X4, cutout_p=1.5), r"p in \[0, 1\], not size=16, p=1.5"),
-    (lambda: list(data.batches(X4, torch.zeros(3), 2)), "batches got 4 images but 3 labels"),
-    (lambda: list(data.batches(X4, torch.zeros(4), 0)), "batch_indices needs batch_size >= 1"),
-    (lambda: list(data.batch_indices(4, 2, rank=2, world_size=2)), "0 <= rank < world_size, not 2, 2, 2"),
 ])
 def test_values_the_pieces_cannot_mean_are_one_sentence(call, message):
     with pytest.raises(ValueError, match=message):

@@ -126,7 +126,7 @@ def test_a_module_the_forward_runs_twice_is_refused_and_its_blocks_match_autogra
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    with pytest.raises(ValueError, match="runs 2 times in one forward"):
+    with pytest.raises(ValueError, match="ran 2 times in one forward"):
         GradCAM(net, "layer2.0.relu")(x)
     maps, logits = GradCAM(net, "layer2.0")(x, 4)
     captured = []
@@ -356,8 +356,7 @@ def test_one_image_gives_one_map_and_a_batch_gives_the_same():
 
 @pytest.mark.parametrize("case, message", [
     ("uint8", "takes the normalized float images"),
-    ("linear", r"output \(\(2, 10\)\) is not a spatial map"),
-    ("unused", "was not called by the model's forward"),
+    ("unused", "ran 0 times in one forward"),
     ("missing", "'conv9' is not a module of this model"),
     ("classes", "one class in 0..9 for all images or one per image"),
     ("wrong count", "one class in 0..9 for all images or one per image"),
@@ -366,7 +365,7 @@ def test_one_image_gives_one_map_and_a_batch_gives_the_same():
 def test_inputs_a_student_may_pass_get_one_sentence(case, message):
     net = student_cnn()
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) if case == "uint8" else torch.randn(2, 3, 16, 16)
-    layer = {"linear": "body.6", "unused": "unused", "missing": "conv9"}.get(case, "body.2")
+    layer = {"unused": "unused", "missing": "conv9"}.get(case, "body.2")
     classes = {"classes": 10, "wrong count": [1, 2, 3], "not whole": 1.5}.get(case)
     with pytest.raises(ValueError, match=message):
         GradCAM(net, layer)(images, classes)
@@ -467,17 +466,6 @@ def test_a_count_or_top_k_that_is_not_whole_is_one_sentence_saying_so(tmp_path, 
         with pytest.raises(SystemExit) as stopped:
             gradcam.main(["--ckpt", str(tmp_path / "m.pt"), flag, "2.5"])
         assert stopped.value.code == 2 and f"{flag}: must be a whole number, got 2.5" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("given, says", [
-    (dict(alpha=2), "--alpha must lie between 0 and 1, got 2"),  # it drew with it in silence
-    (dict(seed=2**70), f"--seed must lie in 0..4,294,967,295, got {2**70}"),  # an overflow in torch
-    (dict(limit_test=0), "--limit-test must be at least 1, got 0"),  # torch.cat of nothing
-])
-def test_report_from_python_refuses_what_the_command_line_refuses_before_any_work(given, says, tmp_path):
-    with pytest.raises(common.UserError) as refused:  # no checkpoint there: nothing was loaded
-        gradcam.report(str(tmp_path / "missing.pt"), **given)
-    assert str(refused.value) == says
 
 
 def test_a_phone_photo_a_16_bit_png_and_a_decompression_bomb(tmp_path):

@@ -182,7 +182,7 @@ def test_ctrl_c_before_the_first_step_is_one_line(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as stopped:
         lr_range.main(["--device", "cpu", "--out", str(tmp_path)])
     assert stopped.value.code == 130
-    assert "Interrupted before the sweep's first step; nothing was written" in capsys.readouterr().err
+    assert "Interrupted: the files written so far are whole; run again for the rest" in capsys.readouterr().err
     assert not (tmp_path / "lr_range.json").exists()
 
 

@@ -104,12 +104,13 @@ def test_ctrl_c_in_gradcam_and_bench_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(gradcam, "report", ctrl_c)
     monkeypatch.setattr(bench, "default_path", ctrl_c)
-    runs = ((gradcam.main, ["--ckpt", str(tmp_path / "best.pt")], "the files written so far are whole"),
-            (bench.main, ["--device", "cpu", "--steps", "1", "--windows", "1"], "nothing was written"))
-    for main, argv, said in runs:
+    runs = ((gradcam.main, ["--ckpt", str(tmp_path / "best.pt")]),
+            (bench.main, ["--device", "cpu", "--steps", "1", "--windows", "1"]))
+    for main, argv in runs:
         with pytest.raises(SystemExit) as stopped:
             main(argv)
-        assert stopped.value.code == 130 and f"Interrupted: {said}" in capsys.readouterr().err
+        said = capsys.readouterr().err
+        assert stopped.value.code == 130 and "Interrupted: the files written so far are whole" in said
 
 
 @pytest.mark.slow
@@ -366,7 +367,7 @@ def test_a_second_gradcam_into_a_busy_folder_is_refused_at_once(tmp_path):
 @pytest.mark.parametrize("count", ["51", "625"])
 def test_an_oversized_count_is_one_line(count, tmp_path):
     res = run_script("gradcam.py", "--ckpt", tmp_path / "m.pt", "--count", count, timeout=60)
-    assert res.returncode == 2 and "--count must be at most 50" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "argument --count: must be from 1 to 50" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_scoring_a_long_test_set_shows_progress():
