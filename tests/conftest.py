@@ -60,6 +60,7 @@ def signal_handlers_put_back():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test of half a minute or more, started first")
+    config.addinivalue_line("markers", "docs: checks the README or committed results against the code and data")
 
 
 def pytest_collection_modifyitems(items):

@@ -72,13 +72,14 @@ def test_an_unknown_step_stops_the_call_before_anything_runs(tmp_path):
 
 
 def prepared_call():
-    """The run.sh command of results/README.md's section on what is prepared for the next GPU session."""
+    """The run.sh command of results/README.md's section on how to run the GPU measurements."""
     text = (REPO / "results" / "README.md").read_text()
-    section = text[text.index("## Prepared for the next GPU session"):]
+    section = text[text.index("## How to run the GPU measurements"):]
     block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
     return shlex.split(block.replace("\\\n", " "))
 
 
+@pytest.mark.docs
 def test_the_prepared_gpu_call_names_known_steps_with_flags_train_py_takes():
     """A typo there would cost the next GPU session a machine's start: every step is one run.py
     knows, and each training step's command parses with train.py's own parser."""

@@ -302,6 +302,7 @@ def test_every_rule_is_read_off_the_curve():
     assert set(result.to_dict()["picks"]) == set(lr_range.RULES)
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("path", ["results/gpu/h100/spec-recipe-auto/metrics.json",
                                   "results/lr_range/cpu-adam-100/lr_range.json"])
 def test_on_the_committed_adam_curves_the_minimum_lies_near_the_best_peak_and_the_steepest_far_below(path):
@@ -316,6 +317,7 @@ def test_on_the_committed_adam_curves_the_minimum_lies_near_the_best_peak_and_th
     assert picks["steepest"] < best / 100
 
 
+@pytest.mark.docs
 def test_on_the_committed_adam_curves_the_100_step_minimum_is_a_plateau_and_300_steps_put_it_4x_below():
     """The spec's recipe swept over 300 steps (cpu-adam-300, diverged at step 273) has a clear
     minimum at 6.2e-3, and every rule more than 2x below 2.7e-2; over 100 steps (CPU, H100) the
@@ -334,6 +336,7 @@ def test_on_the_committed_adam_curves_the_100_step_minimum_is_a_plateau_and_300_
         assert len(plateau) >= 8 and max(plateau) - min(plateau) < 0.014
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("folder", ["cpu-sgd-100", "cpu-sgd-300", "cpu-sgd-warm"])
 def test_on_the_committed_sgd_curves_no_rule_comes_within_2x_of_the_best_peak(folder):
     """The default recipe's sweeps (SGD, all 50,000 images, batch 512, seed 0; CPU bf16): from fresh

@@ -32,12 +32,14 @@ def pngs(nb):
             if "image/png" in o.get("data", {})]
 
 
+@pytest.mark.docs
 def test_first_cell_holds_the_assignment_settings():
     source = settings_cell(nbformat.read(NOTEBOOK, as_version=4)).source
     for line in ["EPOCHS = 20", "LIMIT_TRAIN = None", "LIMIT_TEST = None", 'DATA_DIR = "./data"']:
         assert re.search(rf"^{re.escape(line)}(\s|$)", source, flags=re.M), line
 
 
+@pytest.mark.docs
 def test_committed_notebook_shows_the_figures_of_a_real_run():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert len(pngs(nb)) == FIGURES

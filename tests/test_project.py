@@ -17,6 +17,7 @@ def readme_commands():
     return re.findall(r"```bash\n(.+?)\n```", setup)
 
 
+@pytest.mark.docs
 def test_readme_has_exactly_two_setup_commands():
     commands = readme_commands()
     assert len(commands) == 2
@@ -24,6 +25,7 @@ def test_readme_has_exactly_two_setup_commands():
     assert "pytest" in commands[1]
 
 
+@pytest.mark.docs
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert readme_commands()[1] in ci.splitlines()
@@ -151,7 +153,7 @@ def test_readme_try_it_lines_run_as_written(newcomer):
         res = subprocess.run(line, shell=True, cwd=folder, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, (line, res.stderr[-3000:])
     quick = folder / "runs" / "quick"
-    assert json.loads((quick / "metrics.json").read_text())["final_test_acc"] > 18  # chance is 10%
+    assert 15 <= json.loads((quick / "metrics.json").read_text())["final_test_acc"] <= 35  # the README's range
     for name in ["best.pt", "curves.png", "misclassified.png", "gradcam.png", "confusion.png", "lr_range/lr_range.png"]:
         assert (quick / name).is_file(), name
 
@@ -167,6 +169,7 @@ def test_readme_python_snippet_runs_as_written(newcomer):
     assert (folder / "runs" / "nb" / "gradcam.png").is_file()
 
 
+@pytest.mark.docs
 def test_readme_and_docstring_counts_match_the_code():
     """Numbers the README and gradcam.py state, counted from the code: the images the default batch
     drops each epoch, and how many of the 17 main-path convolutions layer3's map comes after."""
@@ -183,37 +186,43 @@ def test_readme_and_docstring_counts_match_the_code():
     assert f"after {upto_layer3} of the {len(names)} convolutions on the main path" in gradcam.__doc__
 
 
+@pytest.mark.docs
 def test_readme_results_match_the_committed_runs():
-    """Every number of the README's H200 table, the gap to the spec's recipe and the auto run's
-    accuracy, against results/gpu/summary.json and the run's metrics.json (epoch 20)."""
-    readme = (REPO / "README.md").read_text()
+    """Every number of the H200 table in results/README.md and of the README's two rows, the gap to
+    the assignment's recipe and the auto run's accuracy, against results/gpu/summary.json and the
+    run's metrics.json (epoch 20)."""
+    readme, results = (REPO / "README.md").read_text(), (REPO / "results" / "README.md").read_text()
     batch = json.loads((REPO / "results/gpu/summary.json").read_text())["batches"]["h200-2026-11-30"]
     rows = {"peak LR 0.4": "lr0.4", "batch 256": "b256", "label smoothing 0.2": "ls0.2", "default of that day":
             "default", "no decay on BN": "nobnwd", "all four levers": "levers", "alternating flips": "altflip",
-            "spec's recipe": "spec-recipe"}
-    for start, recipe in rows.items():
-        row = next(line for line in readme.splitlines() if line.startswith(("| " + start, "| **" + start)))
-        for key in ("final_test_acc", "final_test_acc_tta"):
-            acc = batch[recipe][key]
-            assert f"{acc['mean']:.2f}%" in row and f"({acc['min']:.2f} to {acc['max']:.2f})" in row, (recipe, key)
+            "the assignment's recipe": "spec-recipe"}
+    readme_rows = {"the default": "lr0.4", "the assignment's recipe": "spec-recipe"}
+    for text, table in ((results, rows), (readme, readme_rows)):
+        for start, recipe in table.items():
+            row = next(line for line in text.splitlines() if line.startswith(("| " + start, "| **" + start)))
+            for key in ("final_test_acc", "final_test_acc_tta"):
+                acc = batch[recipe][key]
+                assert f"{acc['mean']:.2f}%" in row and f"({acc['min']:.2f} to {acc['max']:.2f})" in row, (recipe, key)
     gap = batch["lr0.4"]["final_test_acc_tta"]["mean"] - batch["spec-recipe"]["final_test_acc"]["mean"]
-    assert f"tested **{gap:.2f} points**" in readme
+    assert f"scores {gap:.2f} points above" in readme and f"tested **{gap:.2f}\npoints**" in results
     auto = json.loads((REPO / "results/gpu/h100/spec-recipe-auto/metrics.json").read_text())
-    peak = f"{auto['max_lr']:.1e}".replace("e-0", "e-")  # 1.7e-4, as the README writes it
-    assert f"got a peak of {peak} and {auto['final_test_acc']:.2f}%" in readme.replace("\n", " ")
+    peak = f"{auto['max_lr']:.1e}".replace("e-0", "e-")  # 1.7e-4, as results/README.md writes it
+    assert f"got a peak of {peak} and {auto['final_test_acc']:.2f}%" in results.replace("\n", " ")
+    gap = batch["spec-recipe"]["final_test_acc"]["mean"] - auto["final_test_acc"]
+    assert f"tested {gap:.1f}\npoints lower" in readme
 
 
-def test_readme_cpu_times_match_the_committed_measurements():
+@pytest.mark.docs
+def test_results_cpu_times_match_the_committed_measurements():
     """The quick block's rows measured here, against results/cpu-fp32/ and results/cpu-avx2/ (each
     command's wall seconds in times.txt, the run's metrics.json)."""
     rows = {"AMD EPYC with AVX512-BF16, bf16": ("cpu-fp32", "default"), "the same EPYC in fp32 (": ("cpu-fp32", "fp32"),
             "the same EPYC in fp32 with AVX2": ("cpu-avx2", "fp32")}
-    readme = (REPO / "README.md").read_text().splitlines()
+    text = (REPO / "results" / "README.md").read_text().splitlines()
     for start, (folder, precision) in rows.items():
-        row = next(line for line in readme if line.startswith("| " + start)).split(" | ")
+        row = next(line for line in text if line.startswith("| " + start)).split(" | ")
         times = dict(line.split() for line in (REPO / "results" / folder / "times.txt").read_text().splitlines())
         metrics = json.loads((REPO / "results" / folder / f"quick-{precision}-metrics.json").read_text())
         expected = [f"{float(times[f'quick-{step}-{precision}']):.0f} s" for step in ("train", "gradcam", "lr-range")]
         assert [row[-4], row[-2], row[-1].rstrip(" |")] == expected, start
         assert row[-3] == f"{metrics['final_test_acc']:.1f}%", start
-

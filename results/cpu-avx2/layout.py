@@ -1,4 +1,4 @@
-"""Issue 37: does the CPU train faster in the default NCHW layout than in train.py's channels_last?
+"""Does the CPU train faster in the default NCHW layout than in train.py's channels_last?
 ResNet18 in fp32, one SGD step at a time on random data, each layout timed in alternation.
 
     python results/cpu-avx2/layout.py                       # this CPU's own kernels

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 37: the CPU path in fp32, as a CPU without bf16 units runs it, beside the default precision
+# The CPU path in fp32, as a CPU without bf16 units runs it, beside the default precision
 # of this CPU, measured on one machine in one go (absolute speeds differ by up to 2x between
 # machines of one kind: compare within this folder only).
 #

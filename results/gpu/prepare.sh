@@ -2,13 +2,13 @@
 # Before a call of the lent GPU machine, from the repository root: what run.sh needs, in the
 # git-ignored .data/, and the tree small enough to travel (64 MiB with what is carried).
 #
-#   bash results/gpu/prepare.sh [SHARED]               # SHARED: ../shared/cifar10 by default
+#   bash results/gpu/prepare.sh FOLDER                 # FOLDER holds cifar10-jpeg.npz and build_batches.py
 #   (the call: carry .data, run `bash results/gpu/run.sh $OUT ...`)
 #   git ls-files -d -z | xargs -0 git checkout --      # afterwards: the committed figures back
 #
 # The committed figures (results/**/*.png, about 14 MB) stay behind: no step reads them.
 set -eu
-shared=${1:-../shared/cifar10}
+shared=${1:?usage: bash results/gpu/prepare.sh FOLDER (the one holding cifar10-jpeg.npz and build_batches.py)}
 for file in cifar10-jpeg.npz build_batches.py; do
     [ -f "$shared/$file" ] || { echo "no $shared/$file: pass the folder holding the JPEG copy of CIFAR-10" >&2; exit 1; }
 done

@@ -41,13 +41,13 @@ RECIPES = {  # train.py flags beyond --data-dir, --out and --seed
     "compile-ro": "--compile --compile-mode reduce-overhead --tta6",  # bench.py: 1.6x eager's images/s; the
                                                                         # six views scored on the candidate default
     "b1024-compile-ro": "--batch-size 1024 --compile --compile-mode reduce-overhead",  # peak LR 0.8
-    "div5": "--div-factor 5",  # issue 33's levers: OneCycle from 0.2 x the peak, as the ResNet18 anchor
+    "div5": "--div-factor 5",  # OneCycle from 0.2 x the peak, as the ResNet18 anchor
     "linear": "--anneal linear",
     "final-div100": "--final-div-factor 100",
     "zero-res": "--zero-init-residual",
     "ema": "--ema 0.99",  # an average of the last hundred steps or so, scored beside the weights
     "ema-fastbn": "--ema 0.99 --bn-momentum 0.4",  # airbench: the average helps with faster BN statistics
-    "sgd-auto": "--max-lr auto",  # issue 38: the range test's pick against the hand-set 0.4
+    "sgd-auto": "--max-lr auto",  # the range test's pick against the hand-set 0.4
     "spec-auto": SPEC.replace("--max-lr 0.027", "--max-lr auto"),
     "spec-lr0.01": SPEC.replace("--max-lr 0.027", "--max-lr 0.01"),  # where Adam's best peak lies
     "spec-lr0.05": SPEC.replace("--max-lr 0.027", "--max-lr 0.05"),

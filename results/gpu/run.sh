@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The GPU results under results/gpu/, made in one call of the lent GPU machine from the repository root:
+# The GPU results under results/gpu/, made in one run on a GPU machine from the repository root:
 #
 #   bash results/gpu/run.sh OUT [run.py options: --solo STEP... --parallel STEP... --jobs N --deadline S]
 #
-# Needs, carried in git-ignored folders: .data/ holding cifar10-jpeg.npz and build_batches.py (from
-# ../shared/cifar10; prepare.sh puts them there), from which CIFAR-10 is rebuilt there (./data links
-# to it, as the notebook reads it), and for the notebook step .whl/ holding its wheels
-# (results/README.md says which). Logs the machine, then hands over to run.py; OUT gets log.txt and
-# results.tar.gz.
+# Needs .data/ holding cifar10-jpeg.npz and build_batches.py (prepare.sh puts them there), from
+# which CIFAR-10 is rebuilt there (./data links to it, as the notebook reads it), and for the
+# notebook step .whl/ holding its wheels (results/README.md says which). Logs the machine, then
+# hands over to run.py; OUT gets log.txt and results.tar.gz.
 set -u
 out=${1:?usage: bash results/gpu/run.sh OUT [run.py options]}
 mkdir -p "$out"

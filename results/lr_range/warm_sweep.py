@@ -1,4 +1,4 @@
-"""Issue 38: a range test closer to how OneCycle trains. OneCycle reaches its peak after epochs of
+"""A range test closer to how OneCycle trains. OneCycle reaches its peak after epochs of
 rising LR, in which the weights grow and BatchNorm makes each step smaller in effect; the plain
 test sweeps from fresh weights. Here the model first trains --warm-steps steps at a constant
 --warm-lr (the plain test's steepest pick, as a user who ran it has it), then the sweep runs on from
