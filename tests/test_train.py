@@ -673,26 +673,32 @@ def test_ema_is_the_moving_average_of_every_step_s_weights_and_statistics():
 
 def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_exactly(cifar, tmp_path, monkeypatch,
                                                                                       capsys):
-    end_epoch, out = plumbing.end_epoch, tmp_path / "full"
+    """The run trains the network with --bn-momentum's BatchNorm, averages its weights after every
+    step, scores the average each epoch, keeps it as ema.pt when it scored better at the end (here
+    made so), and a resume from epoch 1 continues the average to the same weights."""
+    end_epoch, build_model, out, nets = plumbing.end_epoch, plumbing.build_model, tmp_path / "full", []
 
-    def keep_epoch_1(state, *args):
-        end_epoch(state, *args)
+    def keep_epoch_1(state, stats, result):
+        if state.run.args.out == str(out) and state.epoch == 1:  # the last epoch: the average scores better
+            result = {**result, "accuracy_ema": result["accuracy"] + 1}
+        end_epoch(state, stats, result)
         if state.epoch == 1:
             shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
 
     monkeypatch.setattr(plumbing, "end_epoch", keep_epoch_1)
+    monkeypatch.setattr(plumbing, "build_model", lambda *args: nets.append(build_model(*args)) or nets[-1])
     tiny_fit(cifar, out, epochs=2, ema=0.9, bn_momentum=0.4, tta6=True)
     assert "; weights' average: " in capsys.readouterr().out
+    assert {m.momentum for m in nets[0].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.4}
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["final_test_acc_ema"] <= 100
     assert metrics["final_test_acc_tta_ema"] is not None and metrics["final_test_acc_tta6_ema"] is not None
     full = common.load_checkpoint(str(out / "last.pt"))
     assert full["ema"]["n_averaged"] == 8  # 4 steps an epoch
-    assert (out / "ema.pt").is_file() == (metrics["final_test_acc_ema"] > metrics["final_test_acc"])
-    if (out / "ema.pt").is_file():  # the average alone, as gradcam.py and app.py load a checkpoint
-        model, *_ = common.model_from_checkpoint(common.load_checkpoint(str(out / "ema.pt")))
-        for key, value in model.state_dict().items():
-            assert torch.equal(value, full["ema"]["module"][key]), key
+    model, *_ = common.model_from_checkpoint(common.load_checkpoint(str(out / "ema.pt")))  # as gradcam.py loads it
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, full["ema"]["module"][key]), key
+    assert not torch.equal(model.conv1.weight, full["model"]["conv1.weight"])  # the average, not the weights
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "epoch1.pt", tmp_path / "resumed" / "last.pt")
     train.fit(resume=str(tmp_path / "resumed" / "last.pt"), data_dir=str(cifar))
@@ -700,8 +706,6 @@ def test_ema_and_bn_momentum_reach_the_run_and_a_resume_continues_the_average_ex
     assert resumed["ema"]["n_averaged"] == full["ema"]["n_averaged"]
     for key, value in full["ema"]["module"].items():
         assert torch.equal(value, resumed["ema"]["module"][key]), key
-    net = plumbing.build_model(plumbing.Run(argparse.Namespace(**full["args"])).start(), 10)
-    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.4}
 
 
 @pytest.mark.slow
@@ -884,6 +888,23 @@ def test_alternate_flip_reaches_the_augmentation(cifar, tmp_path, monkeypatch):
     assert seen == [None, None, None]
 
 
+@pytest.mark.parametrize("cutout_p", [0.0, 0.5, 1.0])
+def test_cutout_reaches_every_training_batch_of_a_run(cifar, tmp_path, monkeypatch, cutout_p):
+    """What train_step gets in a run: with --cutout-p 1 every image has its hole (exact zeros in all
+    three channels, at least 8 x 8 pixels: 16 x 16 clipped by at most half at a border; a pixel of
+    the image never normalizes to exactly zero), none with 0, some but not all with 0.5."""
+    holes, step = [], train.train_step
+
+    def recording(model, x, *args):
+        holes.append(((x == 0).all(1).sum(dim=(1, 2)) >= 64).tolist())
+        return step(model, x, *args)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, cutout_p=cutout_p, tta=False)
+    cut = sum(holes, [])
+    assert len(cut) == 96 and {0.0: not any(cut), 1.0: all(cut)}.get(cutout_p, 0 < sum(cut) < 96)
+
+
 def test_compile_mode_reaches_torch_compile(cifar, tmp_path, monkeypatch, capsys):
     """--compile --compile-mode M compiles the training and the testing model with mode M (here
     torch.compile is replaced by a recorder: a real compile on the CPU takes about a minute); the
@@ -958,10 +979,28 @@ def test_zero_init_residual_starts_each_block_as_its_shortcut():
     assert int(ResNet18().layer1[0].bn2.weight.detach().sum()) == 64  # off by default
 
 
-def test_onecycle_and_init_flags_reach_the_run(cifar, tmp_path):
-    tiny_fit(cifar, tmp_path / "run", epochs=1, limit_train=96, div_factor=5.0, anneal="linear",
+def test_onecycle_and_init_flags_reach_the_run(cifar, tmp_path, monkeypatch):
+    """--div-factor 5 --anneal linear --zero-init-residual, seen in the run itself: the LR of each
+    of its 10 steps against OneCycle's formula with a straight descent (torch's phases: up to step
+    pct_start x 10 - 1 = 1.5, then down to step 9), and the network it trains starting with every
+    residual block's last BatchNorm scale at zero."""
+    lrs, nets, step, build_model = [], [], train.train_step, plumbing.build_model
+
+    def recording(model, x, y, criterion, optimizer, *args):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return step(model, x, y, criterion, optimizer, *args)
+
+    def built(*args):
+        nets.append(build_model(*args))
+        assert all(not block.bn2.weight.detach().any() for block in nets[-1].modules() if hasattr(block, "bn2"))
+        return nets[-1]
+
+    monkeypatch.setattr(train, "train_step", recording)
+    monkeypatch.setattr(plumbing, "build_model", built)
+    tiny_fit(cifar, tmp_path / "run", epochs=2, limit_train=160, div_factor=5.0, anneal="linear",
              zero_init_residual=True, tta=False)
-    ckpt = common.load_checkpoint(str(tmp_path / "run" / "last.pt"))
-    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.05 / 5)  # the run's peak / 5
-    assert ckpt["scheduler"].get("_anneal_func_type", "linear") == "linear"  # torch keeps it from 2.2 on
-    assert ckpt["args"]["zero_init_residual"] and ckpt["args"]["div_factor"] == 5.0
+    peak, start = 0.05, 0.05 / 5
+    end = start / 1e4
+    up = [start + (peak - start) * s / 1.5 for s in (0, 1)]
+    down = [peak + (end - peak) * (s - 1.5) / 7.5 for s in range(2, 10)]
+    assert len(nets) == 1 and lrs == pytest.approx(up + down, rel=1e-6)
