@@ -131,20 +131,21 @@ def find_layer(model, name):
 
 
 @torch.no_grad()
-def predict(model, images, mean, std, batch_size=1000, tta=False, progress=None):
+def predict(model, images, mean, std, batch_size=1024, tta=False, amp_dtype=None, progress=None):
     """Softmax probabilities for uint8 images, in order; with tta, of the mean of each image's
-    logits and its mirror's (one forward for both), as train.py --tta scores the test set.
-    progress, if given (print, say), gets a line every 2,000 images of a longer set."""
+    logits and its mirror's (one forward for both), as train.py --tta scores the test set, and in
+    amp_dtype's mixed precision when one is given, as train.py's test pass. progress, if given
+    (print, say), gets a line after every batch of a set of more than one."""
     model.eval()
     out = []
     for first in range(0, len(images), batch_size):
         x = data.normalize(images[first:first + batch_size], mean, std)
         views = torch.cat([x, x.flip(-1)]) if tta else x
-        logits = model(views.contiguous(memory_format=torch.channels_last)).float()
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(views.contiguous(memory_format=torch.channels_last)).float()
         out.append(F.softmax(logits.view(2, len(x), -1).mean(0) if tta else logits, 1))
-        done = first + len(x)
-        if progress is not None and len(images) > 2000 and (done % 2000 < batch_size or done == len(images)):
-            progress(f"scored {done:,}/{len(images):,} test images", flush=True)
+        if progress is not None and len(images) > batch_size:
+            progress(f"scored {first + len(x):,}/{len(images):,} test images", flush=True)
     return torch.cat(out)
 
 
@@ -333,7 +334,8 @@ def draw_report(loaded, images, summary, alpha=0.5, out="."):
 
 def read_image(path):
     """uint8 RGB C x H x W from an image file Pillow reads (JPEG, PNG, GIF, WebP, ...): turned upright
-    as its EXIF orientation says (phone photos), grey, RGBA and 16-bit images brought to 8-bit RGB.
+    as its EXIF orientation says (phone photos), grey and 16-bit images brought to 8-bit RGB, and
+    transparent pixels shown on white, as a browser shows them.
     Raises common.UserError naming the file when it is missing, not an image, or too large to open
     safely."""
     from PIL import Image, ImageOps
@@ -348,9 +350,11 @@ def read_image(path):
                 array = np.asarray(image, dtype=np.float64)
                 top = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
                 image = Image.fromarray((array / top * 255).clip(0, 255).round().astype(np.uint8))
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             rgb = np.asarray(image.convert("RGB"))
     except Image.DecompressionBombError:
-        raise common.UserError(f"{path} has more pixels than Pillow opens safely ({Image.MAX_IMAGE_PIXELS:,}); "
+        raise common.UserError(f"{path} has more pixels than Pillow opens safely ({2 * Image.MAX_IMAGE_PIXELS:,}); "
                                f"resize it first") from None
     except (OSError, ValueError, SyntaxError):
         raise common.UserError(f"{path} is not an image that can be read (JPEG, PNG, GIF or WebP)") from None

@@ -442,7 +442,8 @@ def warm_up(state, train_steps, test):
     if state.run.device.type == "cuda":
         torch.cuda.synchronize(state.run.device)
     state.warmup_seconds = time.perf_counter() - start
-    what = ", ".join(["cuDNN autotuning"] * (state.run.device.type == "cuda") + ["compilation"] * state.run.args.compile)
+    cuda, compiled = state.run.device.type == "cuda", state.run.args.compile
+    what = ", ".join(["cuDNN autotuning"] * cuda + ["compilation"] * compiled)
     state.run.log(f"Warm-up ({what}): {state.warmup_seconds:.1f} s, not counted as training")
 
 
