@@ -299,20 +299,7 @@ def build_page(demo, gr):
                 examples.load_input_event.then(demo.explain_test, [index, *controls], outputs, **raw)
             page.load(demo.explain_test, [index, *controls], outputs, **raw)
         with gr.Tab("Misclassified test images") as wrong_tab:
-            with gr.Row():
-                count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
-                seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
-            show = gr.Button("Show other misclassified images")
-            summary = gr.Markdown()
-            cards = gr.HTML(elem_id="misclassified")
-            gr.HTML(colour_bar())
-            timer = gr.Timer(2.0, active=False)
-            wrong = [cards, summary, timer]
-            inputs = [tab, count, seed, layer, alpha]
-            show.click(demo.misclassified, [count, seed, layer, alpha], [cards, summary], api_name="misclassified",
-                       **raw)
-            for trigger in (count.change, seed.change, timer.tick):
-                trigger(demo.misclassified_shown, inputs, wrong, **raw)
+            inputs, wrong = misclassified_tab(demo, gr, tab, layer, alpha)
         any_tab.select(lambda: "any", None, tab).then(demo.explain_shown, [tab, source, upload, index, *controls],
                                                         outputs, **raw)
         wrong_tab.select(lambda: "wrong", None, tab).then(demo.misclassified_shown, inputs, wrong, **raw)
@@ -321,6 +308,25 @@ def build_page(demo, gr):
         for control in (layer, alpha):
             control.change(demo.misclassified_shown, inputs, wrong, **raw)
     return page
+
+
+def misclassified_tab(demo, gr, tab, layer, alpha):
+    """The misclassified tab's controls and outputs, which its own controls and a timer re-run while
+    the test set is scored; returns the inputs and outputs that the page's controls re-run too."""
+    raw = dict(preprocess=False)
+    with gr.Row():
+        count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
+        seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
+    show = gr.Button("Show other misclassified images")
+    summary = gr.Markdown()
+    cards = gr.HTML(elem_id="misclassified")
+    gr.HTML(colour_bar())
+    timer = gr.Timer(2.0, active=False)
+    inputs, wrong = [tab, count, seed, layer, alpha], [cards, summary, timer]
+    show.click(demo.misclassified, [count, seed, layer, alpha], [cards, summary], api_name="misclassified", **raw)
+    for trigger in (count.change, seed.change, timer.tick):
+        trigger(demo.misclassified_shown, inputs, wrong, **raw)
+    return inputs, wrong
 
 
 def main(argv=None):

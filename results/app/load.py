@@ -2,11 +2,12 @@
 
     python results/app/load.py --ckpt runs/main/best.pt --data-dir ./data --clients 4 --seconds 60
 
-Every request is first asked alone (the reference answer); then `clients` threads ask requests
-drawn at random for `seconds`, and every answer must equal the reference for its request (the top
-classes, the caption and the overlay's pixels). Writes --json (default results/app/load.json): the
-machine, the counts, wrong answers and errors, and the latency's p50 and p95. Only 127.0.0.1 is
-ever asked.
+First the start: seconds until the page answers and until the test set is scored for the
+misclassified tab. Then every request is asked alone (the reference answer); then `clients` threads
+ask requests drawn at random for `seconds`, and every answer must equal the reference for its
+request (the top classes, the caption and the overlay's pixels). Writes --json (default
+results/app/load.json): the machine, the start's times, the counts, wrong answers and errors, the
+latency's p50 and p95, and app.py's peak memory. Only 127.0.0.1 is ever asked.
 """
 import argparse
 import json
@@ -52,6 +53,21 @@ def serve(ckpt, data_dir, log):
                 proc.kill()
                 raise SystemExit("app.py did not start")
             time.sleep(1)
+
+
+def scored(log_path, proc, timeout=1200):
+    """Wait for app.py's log line that says the test set is scored."""
+    deadline = time.time() + timeout
+    while "Test set scored in" not in open(log_path).read():
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit("app.py did not score the test set")
+        time.sleep(0.5)
+
+
+def peak_memory_gb(pid):
+    """The process's peak resident memory (Linux's VmHWM), in GB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
 
 
 def answer(client, request, upload):
@@ -118,10 +134,14 @@ def main():
 
     upload = os.path.join(HERE, ".load-upload.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(upload)
-    with open(os.path.join(HERE, ".load-app.log"), "w") as log:
+    log_path, started = os.path.join(HERE, ".load-app.log"), time.perf_counter()
+    with open(log_path, "w") as log:
         proc, url = serve(args.ckpt, args.data_dir, log)
         try:
-            result = load(url, upload, args.clients, args.seconds)
+            start = {"page_s": time.perf_counter() - started}
+            scored(log_path, proc)
+            start["scored_s"] = time.perf_counter() - started
+            result = {**start, **load(url, upload, args.clients, args.seconds), "peak_gb": peak_memory_gb(proc.pid)}
         finally:
             proc.terminate()
             proc.wait(timeout=30)

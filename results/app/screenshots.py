@@ -1,5 +1,6 @@
-"""The README's screenshots of the web demo: app.py served on loopback with a checkpoint, a photo
-uploaded, then the page at a desktop and at a phone's width, in headless Chromium (Playwright).
+"""The web demo's screenshots: app.py served on loopback with a checkpoint, then the page in headless
+Chromium (Playwright) as a person sees it: a photo uploaded, and the misclassified tab, at a laptop's
+1280 x 900 (also in dark mode) and a phone's 390 x 844.
 
     python results/app/screenshots.py --ckpt runs/quick/best.pt --data-dir ./data --photo PHOTO
 """
@@ -14,6 +15,24 @@ import load  # noqa: E402  (serve(): app.py on a free loopback port)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SETTLED = "() => !document.querySelector('.pending, .progress-text')"  # no output waits for an answer
+
+
+def shoot(page, name):
+    page.wait_for_function(SETTLED, timeout=60_000)
+    page.screenshot(path=os.path.join(HERE, name), full_page=True)
+
+
+def caption(page, text):
+    page.wait_for_function("s => [...document.querySelectorAll('.prose')].some(e => e.innerText.includes(s))",
+                           arg=text, timeout=120_000)
+
+
+def misclassified(page, name):
+    """The misclassified tab once it shows its 10 cards (it waits for the launch's scoring)."""
+    page.get_by_role("tab", name="Misclassified test images").click()
+    page.wait_for_function("() => document.querySelectorAll('#misclassified figure').length == 10", timeout=600_000)
+    shoot(page, name)
 
 
 def main():
@@ -29,22 +48,27 @@ def main():
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            page.locator("input[type=file]").first.set_input_files(args.photo)
-            page.wait_for_function("() => [...document.querySelectorAll('.prose')].some(e => e.innerText.includes("
-                                   f"'{os.path.basename(args.photo)}. Grad-CAM'))", timeout=60_000)
-            page.screenshot(path=os.path.join(HERE, "screenshot.png"), full_page=True)
+            laptop = browser.new_page(viewport={"width": 1280, "height": 900})
+            laptop.goto(url)
+            laptop.locator("input[type=file]").first.set_input_files(args.photo)
+            caption(laptop, f"{os.path.basename(args.photo)}. Grad-CAM")
+            shoot(laptop, "screenshot.png")
+            misclassified(laptop, "screenshot-misclassified.png")
+            dark = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+            dark.goto(url + "?__theme=dark")
+            caption(dark, "Test image 0, ")
+            misclassified(dark, "screenshot-misclassified-dark.png")
             phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             phone.goto(url)
-            phone.wait_for_function("() => [...document.querySelectorAll('.prose')].some("
-                                    "e => e.innerText.startsWith('Test image 0'))", timeout=60_000)
-            phone.screenshot(path=os.path.join(HERE, "screenshot-phone.png"), full_page=True)
+            caption(phone, "Test image 0, ")
+            shoot(phone, "screenshot-phone.png")
+            misclassified(phone, "screenshot-phone-misclassified.png")
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"wrote screenshot.png and screenshot-phone.png to {HERE}")
+    print(f"wrote screenshot.png, screenshot-misclassified.png, screenshot-misclassified-dark.png, "
+          f"screenshot-phone.png and screenshot-phone-misclassified.png to {HERE}")
 
 
 if __name__ == "__main__":
