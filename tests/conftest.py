@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 # worker and in every script it runs (script_env), set before anything imports torch.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# What Gradio and gradio_client write in the tests' own processes goes to a folder removed at their
+# exit, not to /tmp/gradio (app.py's own server keeps its files in its served folder).
+GRADIO_TEMP = tempfile.TemporaryDirectory(prefix="tests-gradio-")
+os.environ["GRADIO_TEMP_DIR"] = GRADIO_TEMP.name
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR10_SHARED", REPO.parent / "shared" / "cifar10"))

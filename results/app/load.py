@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -90,13 +91,14 @@ def load(url, upload, clients=4, seconds=60, seed=0):
     latencies (seconds)."""
     from gradio_client import Client
 
-    alone = Client(url, verbose=False)
+    downloads = tempfile.TemporaryDirectory(prefix="load-downloads-")  # the clients' copies of the answers
+    alone = Client(url, verbose=False, download_files=downloads.name)
     reference = [answer(alone, request, upload) for request in REQUESTS]
     latencies, wrong, errors, lock = [], [], [], threading.Lock()
     stop_at = time.time() + seconds
 
     def ask(n):
-        client, draw = Client(url, verbose=False), random.Random(seed + n)
+        client, draw = Client(url, verbose=False, download_files=downloads.name), random.Random(seed + n)
         while time.time() < stop_at:
             i = draw.randrange(len(REQUESTS))
             started = time.perf_counter()
@@ -116,6 +118,7 @@ def load(url, upload, clients=4, seconds=60, seed=0):
         thread.start()
     for thread in threads:
         thread.join()
+    downloads.cleanup()
     ordered = sorted(latencies)
     return {"clients": clients, "seconds": seconds, "answers": len(latencies), "wrong": wrong, "errors": errors,
             "p50_s": statistics.median(ordered) if ordered else None,
