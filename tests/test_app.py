@@ -293,7 +293,8 @@ def test_the_launch_scores_the_test_set_as_training_tests_it_and_says_how_far(sm
     gradcam.predict(model, images[:2500], data.MEAN, data.STD, progress=lambda line, **kw: lines.append(line))
     assert lines == [f"scored {n} test images" for n in ("1,024/2,500", "2,048/2,500", "2,500/2,500")]
     torch.save({"model": model.state_dict()}, tmp_path / "best.pt")
-    demo, asked, predict = app.Demo(str(tmp_path / "best.pt"), str(tmp_path), str(small_cifar), "cpu"), [], gradcam.predict
+    demo = app.Demo(str(tmp_path / "best.pt"), str(tmp_path), str(small_cifar), "cpu")
+    asked, predict = [], gradcam.predict
     monkeypatch.setattr(gradcam, "predict", lambda *a, **kw: asked.append(kw) or predict(*a, **kw))
     app.score_test_set(demo)
     assert asked[0]["amp_dtype"] == common.amp_dtype(torch.device("cpu"))
