@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_NAMES = ("best.pt", "model.pt")  # looked for beside app.py when --ckpt is not given
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
 SHOWN = 256  # pixels a side of each picture on the page
+RAW = dict(preprocess=False)  # every event gets the values a browser sent, which the demo checks
 NO_TEST_SET = "The CIFAR-10 test set is not available on this server; upload an image instead."
 
 
@@ -130,6 +131,8 @@ class Demo:
     test set and its predictions, each made once, are guarded by a lock of their own (the page's
     test images do not wait for the predictions)."""
 
+    PATIENCE = 0.5  # seconds the misclassified tab waits for the launch's scoring before it says how far it is
+
     def __init__(self, ckpt, folder, data_dir="./data", device="auto"):
         self.ckpt, self.folder, self.data_dir = ckpt, folder, data_dir
         self.model, self.classes, self.mean, self.std, self.tta = gradcam.load_model(ckpt, device)
@@ -214,7 +217,7 @@ class Demo:
             return self.explain_upload(upload, layer, alpha, top_k)
         return self.explain_test(index, layer, alpha, top_k)
 
-    def misclassified(self, count, seed, layer, alpha, wait=0.5):
+    def misclassified(self, count, seed, layer, alpha):
         """(HTML of misclassified test images, each beside its overlay under its caption; a line about
         them)."""
         try:
@@ -226,7 +229,7 @@ class Demo:
         if refused or count is None or seed is None:
             return "", refused or (f"The images to show are a whole number from 1 to {gradcam.MAX_COUNT}, the "
                                    f"seed any whole number.")
-        probs = self.predictions(wait=wait)
+        probs = self.predictions(wait=self.PATIENCE)
         if probs is None:
             return "", f"The test set is being scored once at launch ({self.scored}); this tab fills itself."
         chosen = gradcam.misclassified(probs, labels, count, seed % (common.SEED_MAX + 1))
@@ -262,9 +265,7 @@ class Demo:
 
 def build_page(demo, gr):
     """The page: the controls on top, a tab for any image, a tab for the misclassified test images.
-    Every event hands over the raw values a browser sent (preprocess=False), which the demo checks;
-    a control re-runs only the tab on screen."""
-    raw = dict(preprocess=False)
+    A control re-runs only the tab on screen."""
     with gr.Blocks(title="CIFAR-10 ResNet18: what the model sees", delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"# CIFAR-10 ResNet18: what the model sees\nCheckpoint `{os.path.basename(demo.ckpt)}`. "
                     f"It knows only CIFAR-10's {len(demo.classes)} classes ({', '.join(demo.classes)}): a photo of "
@@ -292,28 +293,27 @@ def build_page(demo, gr):
                     gr.HTML(colour_bar())
             caption = gr.Markdown()
             outputs, controls = [classes, picture, heat, caption, source], [layer, alpha, top_k]
-            upload.upload(demo.explain_upload, [upload, *controls], outputs, api_name="explain_upload", **raw)
-            show_test.click(demo.explain_test, [index, *controls], outputs, api_name="explain_test", **raw)
-            index.submit(demo.explain_test, [index, *controls], outputs, **raw)
+            shown_inputs = [tab, source, upload, index, *controls]
+            upload.upload(demo.explain_upload, [upload, *controls], outputs, api_name="explain_upload", **RAW)
+            show_test.click(demo.explain_test, [index, *controls], outputs, api_name="explain_test", **RAW)
+            index.submit(demo.explain_test, [index, *controls], outputs, **RAW)
             if picks:
-                examples.load_input_event.then(demo.explain_test, [index, *controls], outputs, **raw)
-            page.load(demo.explain_test, [index, *controls], outputs, **raw)
+                examples.load_input_event.then(demo.explain_test, [index, *controls], outputs, **RAW)
+            page.load(demo.explain_test, [index, *controls], outputs, **RAW)
         with gr.Tab("Misclassified test images") as wrong_tab:
             inputs, wrong = misclassified_tab(demo, gr, tab, layer, alpha)
-        any_tab.select(lambda: "any", None, tab).then(demo.explain_shown, [tab, source, upload, index, *controls],
-                                                        outputs, **raw)
-        wrong_tab.select(lambda: "wrong", None, tab).then(demo.misclassified_shown, inputs, wrong, **raw)
+        any_tab.select(lambda: "any", None, tab).then(demo.explain_shown, shown_inputs, outputs, **RAW)
+        wrong_tab.select(lambda: "wrong", None, tab).then(demo.misclassified_shown, inputs, wrong, **RAW)
         for control in controls:
-            control.change(demo.explain_shown, [tab, source, upload, index, *controls], outputs, **raw)
+            control.change(demo.explain_shown, shown_inputs, outputs, **RAW)
         for control in (layer, alpha):
-            control.change(demo.misclassified_shown, inputs, wrong, **raw)
+            control.change(demo.misclassified_shown, inputs, wrong, **RAW)
     return page
 
 
 def misclassified_tab(demo, gr, tab, layer, alpha):
     """The misclassified tab's controls and outputs, which its own controls and a timer re-run while
     the test set is scored; returns the inputs and outputs that the page's controls re-run too."""
-    raw = dict(preprocess=False)
     with gr.Row():
         count = gr.Slider(1, gradcam.MAX_COUNT, value=10, step=1, label="Images")
         seed = gr.Number(value=0, precision=0, label="Seed of the random pick")
@@ -323,9 +323,9 @@ def misclassified_tab(demo, gr, tab, layer, alpha):
     gr.HTML(colour_bar())
     timer = gr.Timer(2.0, active=False)
     inputs, wrong = [tab, count, seed, layer, alpha], [cards, summary, timer]
-    show.click(demo.misclassified, [count, seed, layer, alpha], [cards, summary], api_name="misclassified", **raw)
+    show.click(demo.misclassified, [count, seed, layer, alpha], [cards, summary], api_name="misclassified", **RAW)
     for trigger in (count.change, seed.change, timer.tick):
-        trigger(demo.misclassified_shown, inputs, wrong, **raw)
+        trigger(demo.misclassified_shown, inputs, wrong, **RAW)
     return inputs, wrong
 
 

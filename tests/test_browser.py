@@ -32,11 +32,6 @@ def browser():
         chromium.close()
 
 
-def caption_text(page):
-    return page.locator(".prose").filter(has_text="Grad-CAM on").or_(
-        page.locator(".prose").filter(has_text="Pick a test image")).first.inner_text()
-
-
 def wait_for_caption(page, starts):
     page.wait_for_function("s => [...document.querySelectorAll('.prose')].some(e => e.innerText.startsWith(s))",
                            arg=starts, timeout=60_000)
@@ -50,19 +45,13 @@ def in_view(page, locator):
         box["y"] + box["height"] <= view["height"] + 1
 
 
-def screenshot(page, path):
-    """The page once no output waits for an answer (Gradio fades those), whole."""
-    page.wait_for_function("() => !document.querySelector('.pending, .progress-text')", timeout=30_000)
-    page.screenshot(path=path, full_page=True)
-
-
 def cards(page):
     return page.locator("#misclassified figure")
 
 
 def test_a_person_uses_the_page(served, browser):  # noqa: F811
-    """Screenshots go to $DEMO_SCREENSHOTS (the README's were taken so, on a trained checkpoint),
-    else beside the served checkpoint."""
+    """Screenshots go to $DEMO_SCREENSHOTS, else beside the served checkpoint (results/app's are
+    taken by results/app/screenshots.py on a trained checkpoint)."""
     from PIL import Image
 
     url, folder = served
@@ -90,7 +79,7 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
     page.locator("#top-k input[type=number]").press("Enter")
     page.wait_for_function("() => document.querySelectorAll('#top-classes .confidence-set').length == 5",
                            timeout=60_000)  # three classes were listed
-    screenshot(page, os.path.join(shots, "screenshot.png"))
+    screenshots.shoot(page, os.path.join(shots, "screenshot.png"))
 
     index = page.get_by_label("Or a test image: its index (0 to 9,999)")
     for typed in ("", "100", "-1", "3.7"):  # 3.7 showed image 4 in silence
@@ -124,7 +113,7 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
     page.get_by_role("option", name="layer4").click()
     page.wait_for_function("old => document.querySelector('#misclassified').innerHTML != old", arg=shown,
                            timeout=30_000)  # the maps of the tab on screen
-    screenshot(page, os.path.join(shots, "screenshot-misclassified.png"))
+    screenshots.shoot(page, os.path.join(shots, "screenshot-misclassified.png"))
     page.get_by_role("tab", name="Any image").click()
     wait_for_caption(page, "Test image ")
     page.wait_for_function("() => [...document.querySelectorAll('.prose')].some(e => e.innerText.includes("
@@ -135,12 +124,12 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
     wait_for_caption(dark, "Test image 0, ")
     dark.get_by_role("tab", name="Misclassified test images").click()
     dark.wait_for_function("() => document.querySelectorAll('#misclassified figure').length == 10", timeout=60_000)
-    screenshot(dark, os.path.join(shots, "screenshot-dark.png"))
+    screenshots.shoot(dark, os.path.join(shots, "screenshot-dark.png"))
 
     phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     phone.goto(url)
     wait_for_caption(phone, "Test image 0, ")
-    screenshot(phone, os.path.join(shots, "screenshot-phone.png"))
+    screenshots.shoot(phone, os.path.join(shots, "screenshot-phone.png"))
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # nothing wider than the screen
     phone.get_by_role("tab", name="Misclassified test images").click()
     phone.wait_for_function("() => document.querySelectorAll('#misclassified figure').length == 10", timeout=60_000)
@@ -148,4 +137,4 @@ def test_a_person_uses_the_page(served, browser):  # noqa: F811
         assert in_view(phone, cards(phone).nth(n).locator("figcaption")), n
         assert in_view(phone, cards(phone).nth(n).locator("img").last), n
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1
-    screenshot(phone, os.path.join(shots, "screenshot-phone-misclassified.png"))
+    screenshots.shoot(phone, os.path.join(shots, "screenshot-phone-misclassified.png"))

@@ -59,10 +59,15 @@ def serve(ckpt, data_dir, log):
 def scored(log_path, proc, timeout=1200):
     """Wait for app.py's log line that says the test set is scored."""
     deadline = time.time() + timeout
-    while "Test set scored in" not in open(log_path).read():
+    while "Test set scored in" not in read(log_path):
         if proc.poll() is not None or time.time() > deadline:
             raise SystemExit("app.py did not score the test set")
         time.sleep(0.5)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
 
 
 def peak_memory_gb(pid):
@@ -91,14 +96,13 @@ def load(url, upload, clients=4, seconds=60, seed=0):
     latencies (seconds)."""
     from gradio_client import Client
 
-    downloads = tempfile.TemporaryDirectory(prefix="load-downloads-")  # the clients' copies of the answers
-    alone = Client(url, verbose=False, download_files=downloads.name)
+    alone = Client(url, verbose=False)
     reference = [answer(alone, request, upload) for request in REQUESTS]
     latencies, wrong, errors, lock = [], [], [], threading.Lock()
     stop_at = time.time() + seconds
 
     def ask(n):
-        client, draw = Client(url, verbose=False, download_files=downloads.name), random.Random(seed + n)
+        client, draw = Client(url, verbose=False), random.Random(seed + n)
         while time.time() < stop_at:
             i = draw.randrange(len(REQUESTS))
             started = time.perf_counter()
@@ -118,7 +122,6 @@ def load(url, upload, clients=4, seconds=60, seed=0):
         thread.start()
     for thread in threads:
         thread.join()
-    downloads.cleanup()
     ordered = sorted(latencies)
     return {"clients": clients, "seconds": seconds, "answers": len(latencies), "wrong": wrong, "errors": errors,
             "p50_s": statistics.median(ordered) if ordered else None,
@@ -134,6 +137,9 @@ def main():
     parser.add_argument("--json", default=os.path.join(HERE, "load.json"), help="where the results go")
     args = parser.parse_args()
     from PIL import Image
+
+    downloads = tempfile.TemporaryDirectory(prefix="load-gradio-")  # removed at exit
+    os.environ["GRADIO_TEMP_DIR"] = downloads.name  # gradio_client's copies of the answers, not /tmp/gradio
 
     upload = os.path.join(HERE, ".load-upload.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(upload)

@@ -18,9 +18,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 SETTLED = "() => !document.querySelector('.pending, .progress-text')"  # no output waits for an answer
 
 
-def shoot(page, name):
+def shoot(page, path):
+    """The whole page once no output waits for an answer (Gradio fades those)."""
     page.wait_for_function(SETTLED, timeout=60_000)
-    page.screenshot(path=os.path.join(HERE, name), full_page=True)
+    page.screenshot(path=path, full_page=True)
 
 
 def caption(page, text):
@@ -32,7 +33,7 @@ def misclassified(page, name):
     """The misclassified tab once it shows its 10 cards (it waits for the launch's scoring)."""
     page.get_by_role("tab", name="Misclassified test images").click()
     page.wait_for_function("() => document.querySelectorAll('#misclassified figure').length == 10", timeout=600_000)
-    shoot(page, name)
+    shoot(page, os.path.join(HERE, name))
 
 
 def main():
@@ -52,7 +53,7 @@ def main():
             laptop.goto(url)
             laptop.locator("input[type=file]").first.set_input_files(args.photo)
             caption(laptop, f"{os.path.basename(args.photo)}. Grad-CAM")
-            shoot(laptop, "screenshot.png")
+            shoot(laptop, os.path.join(HERE, "screenshot.png"))
             misclassified(laptop, "screenshot-misclassified.png")
             dark = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
             dark.goto(url + "?__theme=dark")
@@ -61,7 +62,7 @@ def main():
             phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             phone.goto(url)
             caption(phone, "Test image 0, ")
-            shoot(phone, "screenshot-phone.png")
+            shoot(phone, os.path.join(HERE, "screenshot-phone.png"))
             misclassified(phone, "screenshot-phone-misclassified.png")
             browser.close()
     finally:
